@@ -1,0 +1,1 @@
+"""llamaherd: a complete, readable Llama stack."""

