@@ -1,0 +1,108 @@
+"""Load any supported checkpoint (GGUF file, Hugging Face directory, Meta directory) into a Transformer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from llamaherd.checkpoint.errors import CheckpointError
+from llamaherd.config import ModelArgs
+from llamaherd.model import Transformer, rope_frequencies
+
+__all__ = ["CheckpointError", "Checkpoint", "load_checkpoint", "detect_format",
+           "build_model", "set_module"]
+
+
+@dataclass
+class Checkpoint:
+    model: Transformer
+    args: ModelArgs
+    format: str  # "gguf", "hf" or "meta"
+    path: Path
+    metadata: dict[str, Any] = field(default_factory=dict)  # GGUF key/values, HF/Meta config
+    tensor_types: dict[str, int] = field(default_factory=dict)  # type name -> tensor count
+
+
+def detect_format(path: str | Path) -> str:
+    path = Path(path)
+    if path.is_file():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF" or path.suffix == ".gguf":
+            return "gguf"
+        raise CheckpointError(path, "not a GGUF file (wrong magic number); for Hugging Face or "
+                                    "Meta checkpoints pass the directory")
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return "hf"
+        if (path / "params.json").exists():
+            return "meta"
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf"
+        raise CheckpointError(path, "directory has neither config.json (Hugging Face) nor "
+                                    "params.json (Meta) nor a single .gguf file")
+    raise CheckpointError(path, "no such file or directory")
+
+
+def build_model(args: ModelArgs, state: dict[str, torch.Tensor], path: Path,
+                modules: dict[str, nn.Module] | None = None,
+                packed_shapes: dict[str, tuple[int, ...]] | None = None) -> Transformer:
+    """Make a Transformer from a full internal-name state dict without allocating twice.
+
+    `modules` replaces whole sub-modules (for example packed quantized linears) by name; their
+    weights are then absent from `state` and their shapes come in `packed_shapes`. Every tensor's
+    shape is checked against the config before anything is assigned.
+    """
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = dict(model.state_dict())
+    if args.tie_embeddings:
+        expected.pop("output.weight")
+    shapes = {name: tuple(t.shape) for name, t in state.items()} | (packed_shapes or {})
+    for name, shape in shapes.items():
+        if name not in expected:
+            raise CheckpointError(path, f"unexpected tensor {name}")
+        if shape != tuple(expected[name].shape):
+            raise CheckpointError(path, f"tensor {name} has shape {shape}, the config "
+                                        f"expects {tuple(expected[name].shape)}")
+    missing = sorted(set(expected) - set(shapes))
+    if missing:
+        raise CheckpointError(path, f"missing tensor {missing[0]}"
+                                    + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    for name, module in (modules or {}).items():
+        set_module(model, name, module)
+    model.load_state_dict(state, strict=False, assign=True)
+    if args.tie_embeddings and "output" not in (modules or {}):
+        model.output.weight = model.tok_embeddings.weight
+    model.rope_freqs = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
+    return model.eval()
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
+    """Load a checkpoint. dtype None picks the format's fast path (packed quantized weights for
+    GGUF); torch.float32 the exact float32 path."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "gguf":
+        from llamaherd.checkpoint.gguf_load import load_gguf
+
+        if path.is_dir():
+            path = sorted(path.glob("*.gguf"))[0]
+        return load_gguf(path, dtype=dtype)
+    if fmt == "hf":
+        from llamaherd.checkpoint.hf import load_hf
+
+        return load_hf(path, dtype=dtype)
+    from llamaherd.checkpoint.meta import load_meta
+
+    return load_meta(path, dtype=dtype)

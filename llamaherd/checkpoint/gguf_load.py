@@ -1,0 +1,72 @@
+"""GGUF file -> Transformer: dequantized to float32 (exact path) or with quantized weights packed."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from llamaherd.checkpoint import Checkpoint, build_model
+from llamaherd.checkpoint.errors import CheckpointError
+from llamaherd.checkpoint.gguf import GGUFTensor, dequantize, read_gguf
+from llamaherd.checkpoint.keymaps import IGNORED, to_internal
+from llamaherd.config import ModelArgs
+from llamaherd.model import rope_frequencies
+
+
+def _to_torch(t: GGUFTensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(np.require(dequantize(t), np.float32, ["C", "W"])).to(dtype)
+
+
+def load_gguf(path: Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
+    f = read_gguf(path)
+    embd = f.tensors.get("token_embd.weight")
+    if embd is None:
+        raise CheckpointError(path, "missing tensor token_embd.weight (a vocabulary-only GGUF "
+                                    "holds no model)")
+    try:
+        args = ModelArgs.from_gguf(f.metadata, vocab_size=embd.shape[0])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(path, f"bad model metadata: {e}") from None
+    args = args.replace(tie_embeddings="output.weight" not in f.tensors)
+
+    packed = dtype is None
+    state: dict[str, torch.Tensor] = {}
+    modules: dict[str, nn.Module] = {}
+    packed_shapes: dict[str, tuple[int, ...]] = {}
+    for name, t in f.tensors.items():
+        if name in IGNORED["gguf"]:
+            continue
+        internal = to_internal(name, "gguf")
+        if internal is None:
+            raise CheckpointError(path, f"unexpected tensor {name}")
+        if packed and not t.is_float:
+            packed_shapes[internal] = t.shape
+            modules.update(_packed_modules(internal, t, args))
+            continue
+        state[internal] = _to_torch(t, dtype or torch.float32)
+    model = build_model(args, state, path, modules, packed_shapes)
+    if "rope_freqs.weight" in f.tensors:  # Llama 3.1 converters store the scaling as divisors
+        base = rope_frequencies(args.head_dim, args.rope_theta, None)
+        model.rope_freqs = base / torch.from_numpy(dequantize(f.tensors["rope_freqs.weight"]).copy())
+    types = Counter(t.qtype.name for t in f.tensors.values())
+    return Checkpoint(model, args, "gguf", path, f.metadata, dict(types))
+
+
+def _packed_modules(internal: str, t: GGUFTensor, args: ModelArgs) -> dict[str, nn.Module]:
+    """Quantized weights stay packed: a linear layer (and, for the embedding, a lookup table and
+    the tied output projection) reading the GGUF bytes in place."""
+    from llamaherd.quant.gguf_linear import GGUFEmbedding, GGUFLinear
+
+    module_name = internal.removesuffix(".weight")
+    data = torch.from_numpy(t.data)
+    out_f, in_f = t.shape
+    if module_name == "tok_embeddings":
+        out = {"tok_embeddings": GGUFEmbedding(data, t.qtype, in_f, out_f)}
+        if args.tie_embeddings:
+            out["output"] = GGUFLinear(data, t.qtype, in_f, out_f)
+        return out
+    return {module_name: GGUFLinear(data, t.qtype, in_f, out_f)}
