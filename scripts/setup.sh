@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
-# Creates .venv in the repository and installs llamaherd with its test dependencies.
-# torch is pinned to 2.13.0, whose CPU build pip finds on this machine's disk.
+# Sets up llamaherd in ./.venv on a fresh machine: Python packages (torch pinned to the CPU build
+# 2.13.0), the C++ quantized kernels, and with --test the browser used by the web-page tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[test,bench]"
+with_tests=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) with_tests=1 ;;
+    *) echo "usage: scripts/setup.sh [--test]" >&2; exit 2 ;;
+  esac
+done
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,bench]"
