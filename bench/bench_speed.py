@@ -1,0 +1,232 @@
+"""Side-by-side CPU speed: llamaherd vs llama.cpp (llama-cpp-python) vs transformers, same GGUF.
+
+Each engine runs in its own subprocess (so load time and peak RSS are its own), several times;
+the medians are printed with ratios to llama.cpp, written to bench/results/speed.json and drawn
+to bench/results/speed.png.
+
+    .venv/bin/python bench/bench_speed.py [--model smollm2-135m-instruct] [--threads 2] [--runs 3]
+
+Figures: load (s), prefill tok/s (one 512-token prompt of random ids), decode tok/s (batch 1,
+128 greedy tokens after a 42-token chat prompt), decode aggregate tok/s at batch 8, peak RSS (MB).
+llama-cpp-python is optional (`bash bench/build_llama_cpp.sh`); transformers is in the test extras.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PREFILL_LEN, DECODE_LEN, BATCH = 512, 128, 8
+CHAT_PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018,
+               411, 407, 19712, 8182, 2, 198, 1, 4093, 198, 23217, 314, 253, 1789, 2625, 563,
+               260, 6938, 30, 2, 198, 1, 520, 9531, 198, 504, 1789, 2625][:42]
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _prefill_ids() -> list[int]:
+    import random
+
+    rng = random.Random(0)
+    return [rng.randint(100, 40000) for _ in range(PREFILL_LEN)]
+
+
+# ---------------------------------------------------------------- one engine per subprocess
+
+def run_llamaherd(path: str, threads: int, mode: str) -> dict[str, float]:
+    import torch
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    import llamaherd.api as api
+
+    llm = api.load(path, dtype=None if mode == "native" else mode)
+    load_s = time.perf_counter() - t0
+    model = llm.model
+    with torch.inference_mode():
+        ids = torch.tensor([_prefill_ids()])
+        model.setup_cache(BATCH, PREFILL_LEN + DECODE_LEN + 64)
+        model(ids[:, :16], torch.arange(16)[None], output_index=torch.tensor([15]))  # warm-up
+        t0 = time.perf_counter()
+        model(ids, torch.arange(PREFILL_LEN)[None], output_index=torch.tensor([PREFILL_LEN - 1]))
+        prefill = PREFILL_LEN / (time.perf_counter() - t0)
+
+        def decode(batch: int) -> float:
+            prompt = torch.tensor([CHAT_PROMPT] * batch)
+            n = prompt.shape[1]
+            pos = torch.arange(n).expand(batch, n)
+            last = torch.full((batch,), n - 1)
+            tok = model(prompt, pos, output_index=last).argmax(-1)
+            t0 = time.perf_counter()
+            for i in range(DECODE_LEN):
+                p = torch.full((batch, 1), n + i)
+                tok = model(tok[:, None], p, output_index=torch.zeros(batch, dtype=torch.long))
+                tok = tok.argmax(-1)
+            return batch * DECODE_LEN / (time.perf_counter() - t0)
+
+        decode1 = decode(1)
+        decode8 = decode(BATCH)
+    return {"load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": decode1,
+            "decode_b8_tok_s": decode8, "peak_rss_mb": _peak_rss_mb()}
+
+
+def run_llama_cpp(path: str, threads: int, mode: str) -> dict[str, float]:
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(model_path=path, n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+                n_batch=512, verbose=False)
+    load_s = time.perf_counter() - t0
+    ids = _prefill_ids()
+    llm.eval(ids[:16])
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    prefill = PREFILL_LEN / (time.perf_counter() - t0)
+    llm.reset()
+    llm.eval(CHAT_PROMPT)
+    t0 = time.perf_counter()
+    for _ in range(DECODE_LEN):
+        tok = llm.sample(temp=0.0)
+        llm.eval([tok])
+    decode1 = DECODE_LEN / (time.perf_counter() - t0)
+    # llama-cpp-python's high-level API decodes one sequence at a time; batch-8 aggregate is
+    # reported as not measured rather than as an 8-sequence figure it cannot produce.
+    return {"load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": decode1,
+            "decode_b8_tok_s": float("nan"), "peak_rss_mb": _peak_rss_mb()}
+
+
+def run_transformers(path: str, threads: int, mode: str) -> dict[str, float]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    p = Path(path)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
+    load_s = time.perf_counter() - t0
+    with torch.inference_mode():
+        ids = torch.tensor([_prefill_ids()])
+        model(ids[:, :16])
+        t0 = time.perf_counter()
+        model(ids)
+        prefill = PREFILL_LEN / (time.perf_counter() - t0)
+
+        def decode(batch: int, new: int) -> float:
+            prompt = torch.tensor([CHAT_PROMPT] * batch)
+            t0 = time.perf_counter()
+            model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           attention_mask=torch.ones_like(prompt), pad_token_id=0)
+            return batch * new / (time.perf_counter() - t0)
+
+        decode1 = decode(1, 64)
+        decode8 = decode(BATCH, 32)
+    return {"load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": decode1,
+            "decode_b8_tok_s": decode8, "peak_rss_mb": _peak_rss_mb()}
+
+
+RUNNERS = {"llamaherd": run_llamaherd, "llama.cpp": run_llama_cpp,
+           "transformers": run_transformers}
+
+
+def _child(engine: str, path: str, threads: int, mode: str) -> None:
+    print(json.dumps(RUNNERS[engine](path, threads, mode)))
+
+
+def _measure(engine: str, path: str, threads: int, mode: str, runs: int) -> dict | None:
+    samples = []
+    for _ in range(runs):
+        proc = subprocess.run([sys.executable, __file__, "--child", engine, "--path", path,
+                               "--threads", str(threads), "--mode", mode],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"  {engine}: not measured ({tail})", file=sys.stderr)
+            return None
+        samples.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--engines", default="llamaherd,llama.cpp,transformers")
+    ap.add_argument("--mode", default="native", help="llamaherd dtype: native (packed) or float32")
+    ap.add_argument("--child")
+    ap.add_argument("--path")
+    a = ap.parse_args()
+    if a.child:
+        return _child(a.child, a.path, a.threads, a.mode)
+
+    from llamaherd.api import resolve_path
+
+    path = str(resolve_path(a.model))
+    results: dict[str, dict] = {}
+    for engine in a.engines.split(","):
+        runs = 1 if engine == "transformers" else a.runs
+        print(f"measuring {engine} ({runs} run{'s' * (runs > 1)}) ...", file=sys.stderr)
+        r = _measure(engine, path, a.threads, a.mode, runs)
+        if r is not None:
+            results[engine] = r
+    report(results, a, path)
+
+
+def report(results: dict[str, dict], a: argparse.Namespace, path: str) -> None:
+    cols = ["load_s", "prefill_tok_s", "decode_tok_s", "decode_b8_tok_s", "peak_rss_mb"]
+    ref = results.get("llama.cpp")
+    print(f"\nmodel {Path(path).name}, {a.threads} threads, {platform.processor() or platform.machine()}")
+    print(f"{'engine':14s}" + "".join(f"{c:>17s}" for c in cols))
+    for engine, r in results.items():
+        cells = []
+        for c in cols:
+            v = r[c]
+            ratio = ""
+            if ref and engine != "llama.cpp" and ref[c] == ref[c] and v == v and ref[c]:
+                x = (ref[c] / v) if c in ("load_s", "peak_rss_mb") else (v / ref[c])
+                ratio = f" ({x:.2f}x)"
+            cells.append(f"{v:9.2f}{ratio:>8s}")
+        print(f"{engine:14s}" + "".join(f"{c:>17s}" for c in cells))
+    if "llamaherd" in results:
+        r = results["llamaherd"]
+        print(f"llamaherd batch-8 / batch-1 decode: {r['decode_b8_tok_s'] / r['decode_tok_s']:.2f}x")
+        if "transformers" in results:
+            print(f"llamaherd / transformers decode: "
+                  f"{r['decode_tok_s'] / results['transformers']['decode_tok_s']:.2f}x")
+    RESULTS.mkdir(exist_ok=True)
+    out = {"model": Path(path).name, "threads": a.threads, "mode": a.mode,
+           "machine": platform.platform(), "results": results,
+           "date": time.strftime("%Y-%m-%d")}
+    (RESULTS / "speed.json").write_text(json.dumps(out, indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+        for ax, c in zip(axes, ["prefill_tok_s", "decode_tok_s", "load_s"]):
+            names = list(results)
+            ax.bar(names, [results[n][c] for n in names], color=["#4c72b0", "#dd8452", "#55a868"])
+            ax.set_title(c)
+        fig.tight_layout()
+        fig.savefig(RESULTS / "speed.png", dpi=100)
+    except ImportError:
+        print("matplotlib not installed: no chart", file=sys.stderr)
+    print(f"wrote {RESULTS / 'speed.json'}")
+
+
+if __name__ == "__main__":
+    main()
