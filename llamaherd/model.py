@@ -7,6 +7,7 @@ Meta checkpoints and GGUF files store); the Hugging Face loader permutes wq/wk r
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
@@ -42,12 +45,13 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
     return torch.where(wavelen < high_wl, freqs, scaled)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of each head.  x: (B, T, H, D); cos/sin: (B, T, 1, D/2)."""
-    xp = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xp[..., 0], xp[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of each head as complex numbers x[2i] + i x[2i+1].
+
+    x: (B, T, H, D); rot: (B, T, 1, D/2) complex, e^(i * position * frequency).
+    """
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -77,6 +81,39 @@ class KVCache(nn.Module):
         return self.k[rows, :, :length], self.v[rows, :, :length]
 
 
+@dataclass
+class StepContext:
+    """What every layer of one forward pass shares: positions, rotations, cache rows, the mask."""
+
+    pos: torch.Tensor  # (B, T) position of each token
+    rot: torch.Tensor  # (B, T, 1, D/2) complex rotations for those positions
+    rows: torch.Tensor | None  # (B,) cache row of each batch row; None means 0..B-1
+    length: int  # cached positions any query can see: max(pos) + 1
+    mask: torch.Tensor | None  # (B, 1, T, length) True where a query may attend; None = all
+
+    @staticmethod
+    def make(pos: torch.Tensor, rows: torch.Tensor | None, freqs: torch.Tensor) -> StepContext:
+        angles = pos[..., None].float() * freqs  # (B, T, D/2)
+        rot = torch.polar(torch.ones_like(angles), angles)[:, :, None]
+        B, T = pos.shape
+        length = int(pos.max()) + 1
+        mask = None
+        if not (B == 1 and T == 1):  # one query at the newest position sees every cached key
+            mask = (torch.arange(length, device=pos.device) <= pos[:, :, None])[:, None]
+        return StepContext(pos, rot, rows, length, mask)
+
+
+def fuse_linears(linears: list[nn.Module]) -> nn.Module:
+    """One module computing the concatenated outputs of several projections of the same input."""
+    first = linears[0]
+    if hasattr(type(first), "concat"):  # packed quantized layers know how to join themselves
+        return type(first).concat(linears)
+    weight = torch.cat([lin.weight for lin in linears], dim=0)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -85,27 +122,30 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wqkv: nn.Module | None = None  # set by fuse()
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
-                rows: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if self.wqkv is not None:
+            q, k, v = self.wqkv(x).split((q_size, kv_size, kv_size), dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), ctx.rot).transpose(1, 2)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), ctx.rot).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         if self.cache is None:  # no cache: plain causal attention over the input
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
         else:
-            length = int(pos.max()) + 1
-            k, v = self.cache.update(rows, pos, k, v, length)
-            if B == 1 and T == 1:
-                mask = None  # one query at the last position sees every cached key
-            else:
-                mask = (torch.arange(length, device=x.device) <= pos[:, :, None])[:, None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            k, v = self.cache.update(ctx.rows, ctx.pos, k, v, ctx.length)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def fuse(self) -> None:
+        """Replace wq, wk, wv by one projection (one matrix call instead of three)."""
+        self.wqkv = fuse_linears([self.wq, self.wk, self.wv])
+        del self.wq, self.wk, self.wv
 
 
 class FeedForward(nn.Module):
@@ -114,9 +154,18 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.w13: nn.Module | None = None  # set by fuse()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def fuse(self) -> None:
+        """Replace w1 and w3 by one projection."""
+        self.w13 = fuse_linears([self.w1, self.w3])
+        del self.w1, self.w3
 
 
 class Block(nn.Module):
@@ -127,9 +176,8 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
-                rows: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, pos, rows)
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), ctx)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -161,6 +209,12 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = None
 
+    def fuse_projections(self) -> None:
+        """Fuse each layer's q/k/v and gate/up projections (inference speed; same results)."""
+        for layer in self.layers:
+            layer.attention.fuse()
+            layer.feed_forward.fuse()
+
     @property
     def cache_shape(self) -> tuple[int, int] | None:
         """(rows, max_len) of the current cache, or None."""
@@ -183,11 +237,10 @@ class Transformer(nn.Module):
             input_pos = torch.arange(T, device=tokens.device)
         if input_pos.dim() == 1:
             input_pos = input_pos.expand(B, T)
-        angles = input_pos[..., None].float() * self.rope_freqs  # (B, T, D/2)
-        cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
+        ctx = StepContext.make(input_pos, cache_rows, self.rope_freqs)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, input_pos, cache_rows)
+            h = layer(h, ctx)
         if output_index is not None:
             h = h[torch.arange(B, device=h.device), output_index]
         return self.output(self.norm(h)).float()
