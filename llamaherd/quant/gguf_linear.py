@@ -1,0 +1,156 @@
+"""GGUFLinear and GGUFEmbedding: layers whose GGUF-quantized weights stay packed in memory.
+
+With the C++ kernels (`llamaherd.quant.kernels`), Q4_0, Q4_1 and Q8_0 weights are repacked once
+into a SIMD-friendly row layout of the same size and multiplied with 8-bit integer dot products.
+Other types, or a machine without the kernels, dequantize the layer in torch on every call.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from gguf import GGMLQuantizationType
+
+from llamaherd.quant import kernels
+from llamaherd.quant.dequant import dequantize, row_bytes
+
+KERNEL_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+                          GGMLQuantizationType.Q8_0})
+
+
+def _tensor(data: torch.Tensor | np.ndarray) -> torch.Tensor:
+    if isinstance(data, np.ndarray):
+        with warnings.catch_warnings():  # a read-only memmap is fine: the bytes are only read
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.from_numpy(data)
+    return data
+
+
+class _KernelMatmul(torch.autograd.Function):
+    """x @ W^T through the kernels, with the input gradient through the dequantized weight."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: GGUFLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return kernels.load().matmul(x, layer.data, layer.qtype_id)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ ctx.layer.dequantize(), None
+
+
+class GGUFLinear(nn.Module):
+    """A bias-free linear layer over GGUF rows: data is uint8 [out_features, bytes_per_row].
+
+    kernels: None uses the C++ kernels where they exist for the type, False never, True requires
+    them. The weight is kept as the buffer `data` (packed rows, or the GGUF rows as given).
+    """
+
+    def __init__(self, data: torch.Tensor | np.ndarray, qtype: int | GGMLQuantizationType,
+                 in_features: int, out_features: int, *, kernels: bool | None = None) -> None:
+        super().__init__()
+        qtype = GGMLQuantizationType(qtype)
+        data = _tensor(data)
+        expected = (out_features, row_bytes(qtype, in_features))
+        if data.dtype != torch.uint8 or tuple(data.shape) != expected:
+            raise ValueError(f"{qtype.name} weight of {out_features}x{in_features} needs uint8 "
+                             f"data of shape {expected}, got {data.dtype} {tuple(data.shape)}")
+        ops = _kernels_for(qtype, kernels)
+        self._setup(ops.repack(data, int(qtype)) if ops else data, qtype, in_features,
+                    out_features, packed=ops is not None)
+
+    def _setup(self, data: torch.Tensor, qtype: GGMLQuantizationType, in_features: int,
+               out_features: int, packed: bool) -> None:
+        self.qtype, self.qtype_id = qtype, int(qtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.packed = packed  # True: `data` is in the kernels' layout, else GGUF's
+        self.register_buffer("data", data, persistent=False)
+
+    @classmethod
+    def from_gguf(cls, tensor, *, kernels: bool | None = None) -> GGUFLinear:
+        """From a `gguf.ReaderTensor` (its shape lists the input features first)."""
+        in_features, out_features = (int(n) for n in tensor.shape[:2])
+        return cls(tensor.data, tensor.tensor_type, in_features, out_features, kernels=kernels)
+
+    @classmethod
+    def concat(cls, layers: Sequence[GGUFLinear]) -> GGUFLinear:
+        """One layer computing the outputs of `layers` side by side (e.g. fused wq|wk|wv)."""
+        first = layers[0]
+        for layer in layers[1:]:
+            if (layer.qtype, layer.in_features, layer.packed) != (first.qtype, first.in_features,
+                                                                  first.packed):
+                raise ValueError("GGUFLinear.concat needs layers of one qtype, in_features and "
+                                 "layout")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused._setup(torch.cat([layer.data for layer in layers]), first.qtype, first.in_features,
+                     sum(layer.out_features for layer in layers), first.packed)
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()  # (B*T, in)
+        if not self.packed:
+            y = x2 @ self.dequantize().T
+        elif x.requires_grad and torch.is_grad_enabled():
+            y = _KernelMatmul.apply(x2, self)
+        else:
+            y = kernels.load().matmul(x2, self.data, self.qtype_id)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as float32 [out_features, in_features]."""
+        return self._dequantize_rows(self.data)
+
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` (int64 [n]) of the weight as float32 [n, in_features]."""
+        return self._dequantize_rows(self.data.index_select(0, rows))
+
+    def _dequantize_rows(self, data: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return kernels.load().dequantize(data, self.qtype_id)
+        return dequantize(data, self.qtype)
+
+    def extra_repr(self) -> str:
+        path = "kernels" if self.packed else "dequantize"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"qtype={self.qtype.name}, path={path}")
+
+
+class GGUFEmbedding(nn.Module):
+    """Token embedding lookup over GGUF rows (uint8 [num_embeddings, bytes_per_row]); only the
+    looked-up rows are dequantized. `as_linear()` is the tied output projection over the same
+    bytes."""
+
+    def __init__(self, data: torch.Tensor | np.ndarray, qtype: int | GGMLQuantizationType,
+                 embedding_dim: int, num_embeddings: int, *, kernels: bool | None = None) -> None:
+        super().__init__()
+        self.table = GGUFLinear(data, qtype, embedding_dim, num_embeddings, kernels=kernels)
+        self.embedding_dim, self.num_embeddings = embedding_dim, num_embeddings
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.table.dequantize_rows(ids.reshape(-1).long())
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def as_linear(self) -> GGUFLinear:
+        """The same packed rows as a linear layer dim -> num_embeddings (tied output)."""
+        return self.table
+
+
+def _kernels_for(qtype: GGMLQuantizationType, wanted: bool | None):
+    """The kernels module if this layer should use it, else None."""
+    if wanted is False:
+        return None
+    if qtype not in KERNEL_TYPES:
+        if wanted:
+            raise ValueError(f"no GGUF kernel for {qtype.name}; kernels exist for "
+                             f"{', '.join(sorted(t.name for t in KERNEL_TYPES))}")
+        return None
+    ops = kernels.load()
+    if ops is None and wanted:
+        raise RuntimeError("GGUF kernels were requested but could not be built or loaded")
+    return ops

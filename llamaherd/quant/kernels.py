@@ -1,0 +1,101 @@
+"""Builds, caches and loads the C++ GGUF kernels; says whether they are available.
+
+The extension is compiled once per (source, compiler flags, torch, Python, CPU features) into
+`~/.cache/llamaherd/ext/<hash>/`, so loading an already built one is a plain import. Set
+`LLAMAHERD_NO_KERNELS=1` to force the pure-torch fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+NAME = "llamaherd_gguf_kernels"
+SOURCE = Path(__file__).parent / "csrc" / "gguf_kernels.cpp"
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
+
+_module: ModuleType | None = None
+_tried = False
+
+
+def _cpu_features() -> str:
+    """The CPU's feature flags, so a cache shared between machines never loads foreign code."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_dir() -> Path:
+    """The cache directory for the extension built from the current source on this machine."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
+                 sys.version.encode(), _cpu_features().encode()):
+        key.update(part)
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llamaherd" / "ext"
+    return root / key.hexdigest()[:16]
+
+
+def _library(directory: Path) -> Path:
+    return directory / f"{NAME}.so"
+
+
+def _import(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build(verbose: bool = False) -> None:
+    """Compile the extension into its cache directory unless it is already there."""
+    directory = build_dir()
+    if _library(directory).exists():
+        return
+    from torch.utils.cpp_extension import load  # slow import, needed only to compile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    load(name=NAME, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+         build_directory=str(directory), verbose=verbose)
+
+
+def load() -> ModuleType | None:
+    """The compiled kernels (building them first if needed), or None with a one-line warning."""
+    global _module, _tried
+    if _tried:
+        return _module
+    _tried = True
+    if os.environ.get("LLAMAHERD_NO_KERNELS") == "1":
+        reason = "LLAMAHERD_NO_KERNELS=1"
+    else:
+        try:
+            build()
+            _module = _import(_library(build_dir()))
+            return _module
+        except Exception as exc:  # a compiler or loader failure of any kind means: fall back
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}"
+    warnings.warn(f"llamaherd: GGUF C++ kernels unavailable ({reason}); quantized layers fall back "
+                  "to slow per-call dequantization in torch", RuntimeWarning, stacklevel=2)
+    return None
+
+
+def available() -> bool:
+    """Whether the compiled kernels can be used in this process."""
+    return load() is not None
+
+
+if __name__ == "__main__":
+    build(verbose="-v" in sys.argv)
+    print(f"llamaherd GGUF kernels: {_import(_library(build_dir())).simd()} in {build_dir()}")
