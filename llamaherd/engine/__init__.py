@@ -1,0 +1,1 @@
+"""Serving-side engine layer: the continuous-batching scheduler and grammar constraints."""

@@ -1,0 +1,192 @@
+"""Continuous batching: one thread runs the engine's step loop; asyncio callers submit and cancel.
+
+Requests wait in a bounded queue until the engine has free cache rows for all their choices, join
+the batch between two steps, and leave it as soon as they finish or are cancelled. Every step's
+events are handed to the event loop in one call, so the per-token cost on the serving side is one
+queue put per sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from llamaherd.generation.engine import Engine
+from llamaherd.generation.sampling import SamplingParams
+from llamaherd.generation.sequence import Event, Sequence
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the scheduler accepts."""
+
+
+class EngineFailure(Exception):
+    """The engine raised while this request was running; it was cancelled."""
+
+
+@dataclass
+class Job:
+    """One request: a prompt and one SamplingParams per choice (or one with n for a shared prefill).
+
+    Its events arrive on `events` (an asyncio.Queue) in the caller's event loop: Event objects, or
+    an EngineFailure/ValueError instance if the request could not run.
+    """
+
+    prompt_ids: list[int]
+    choices: list[SamplingParams]
+    events: asyncio.Queue[Event | Exception] = field(default_factory=asyncio.Queue)
+    seqs: list[Sequence] = field(default_factory=list)
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    done: bool = False
+
+    @property
+    def rows(self) -> int:
+        return len(self.choices) if len(self.choices) > 1 else self.choices[0].n
+
+
+class Scheduler:
+    """Owns an Engine and the thread that steps it."""
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, max_queue: int = 64,
+                 on_step: Callable[[int, int, int], None] | None = None) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.max_seqs = engine.rows
+        self.max_queue = max_queue
+        self.on_step = on_step  # (running sequences, waiting jobs, tokens this step) after a step
+        self._cv = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._cancelled: list[Job] = []
+        self._owner: dict[int, Job] = {}  # sequence id -> job
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="llamaherd-engine", daemon=True)
+
+    # ---- the caller's side (event loop thread) -------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, job: Job) -> Job:
+        """Queue a job; raises QueueFull when `max_queue` jobs are already waiting."""
+        if job.rows > self.max_seqs:
+            raise ValueError(f"{job.rows} choices exceed the server's {self.max_seqs} sequences")
+        with self._cv:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(self.max_queue)
+            self._waiting.append(job)
+            self._cv.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job (client gone): its sequences leave the batch and free their rows."""
+        with self._cv:
+            if job.done:
+                return
+            if job in self._waiting:
+                self._waiting.remove(job)
+                job.done = True
+                return
+            self._cancelled.append(job)
+            self._cv.notify()
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stopping or self._waiting or self._cancelled
+                           or not self.engine.idle):
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                cancelled, self._cancelled = self._cancelled, []
+                admitted = self._admit()
+            for job in cancelled:
+                self._drop(job)
+            for job in admitted:
+                self._add(job)
+            if self.engine.idle:
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # noqa: BLE001 -- a failed step fails its jobs, not the server
+                traceback.print_exc()
+                self._fail_running(e)
+                continue
+            self._deliver(events)
+
+    def _admit(self) -> list[Job]:
+        """Waiting jobs that fit the free rows now, in arrival order (called under the lock)."""
+        admitted: list[Job] = []
+        free = self.engine.free_rows
+        while self._waiting and self._waiting[0].rows <= free:
+            job = self._waiting.popleft()
+            free -= job.rows
+            admitted.append(job)
+        return admitted
+
+    def _add(self, job: Job) -> None:
+        try:
+            if len(job.choices) == 1:
+                seqs = self.engine.add_group(job.prompt_ids, job.choices[0])
+            else:
+                seqs = [self.engine.add(job.prompt_ids, replace(p, n=1)) for p in job.choices]
+        except ValueError as e:
+            self._post([(job, e)])
+            return
+        job.seqs = seqs
+        for s in seqs:
+            self._owner[s.id] = job
+
+    def _drop(self, job: Job) -> None:
+        for s in job.seqs:
+            if not s.finished:  # a finished sequence's row may already belong to another one
+                self.engine.cancel(s)
+            self._owner.pop(s.id, None)
+        job.done = True
+
+    def _fail_running(self, error: Exception) -> None:
+        jobs = {id(j): j for j in self._owner.values()}.values()
+        for job in list(jobs):
+            self._drop(job)
+            self._post([(job, EngineFailure(f"{type(error).__name__}: {error}"))])
+
+    def _deliver(self, events: list[Event]) -> None:
+        batch: list[tuple[Job, Event | Exception]] = []
+        for e in events:
+            job = self._owner.get(e.seq.id)
+            if job is None:
+                continue
+            if e.finish_reason is not None:
+                del self._owner[e.seq.id]
+            batch.append((job, e))
+        if self.on_step is not None:
+            self.on_step(len(self._owner), len(self._waiting), len(events))
+        if batch:
+            self._post(batch)
+
+    def _post(self, batch: list[tuple[Job, Any]]) -> None:
+        self.loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list[tuple[Job, Event | Exception]]) -> None:
+    now = time.perf_counter()
+    for job, item in batch:
+        if job.first_token is None and isinstance(item, Event):
+            job.first_token = now
+        job.events.put_nowait(item)
