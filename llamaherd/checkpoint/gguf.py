@@ -8,7 +8,7 @@ block sizes, dequantization and writing come from the `gguf` package, maintained
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,8 @@ class GGUFFile:
     version: int
     metadata: dict[str, Any]
     tensors: dict[str, GGUFTensor]
+    # key -> (value type, element type for arrays): what a writer needs to copy a key unchanged
+    value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = field(default_factory=dict)
 
 
 class _Cursor:
@@ -102,9 +104,15 @@ def read_gguf(path: str | Path) -> GGUFFile:
     n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
     try:
         metadata: dict[str, Any] = {}
+        value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
         for _ in range(n_kv):
             key = cur.string()
-            metadata[key] = cur.value(cur.unpack("<I"))
+            vtype = GGUFValueType(cur.unpack("<I"))
+            etype = None
+            if vtype == GGUFValueType.ARRAY:  # peek at the element type that follows
+                etype = GGUFValueType(struct.unpack_from("<I", cur.buf, cur.pos)[0])
+            value_types[key] = (vtype, etype)
+            metadata[key] = cur.value(vtype)
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
@@ -141,7 +149,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
         else:
             data = raw.reshape(rows, row_bytes)
         tensors[name] = GGUFTensor(name, qtype, shape, data)
-    return GGUFFile(path, version, metadata, tensors)
+    return GGUFFile(path, version, metadata, tensors, value_types)
 
 
 def dequantize(t: GGUFTensor) -> np.ndarray:

@@ -13,7 +13,7 @@ from llamaherd.checkpoint import Checkpoint, build_model
 from llamaherd.checkpoint.errors import CheckpointError
 from llamaherd.checkpoint.gguf import GGUFTensor, dequantize, read_gguf
 from llamaherd.checkpoint.keymaps import IGNORED, to_internal
-from llamaherd.config import ModelArgs
+from llamaherd.config import ModelArgs, RopeScaling
 from llamaherd.model import rope_frequencies
 
 
@@ -32,6 +32,12 @@ def load_gguf(path: Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(path, f"bad model metadata: {e}") from None
     args = args.replace(tie_embeddings="output.weight" not in f.tensors)
+    divisors = None
+    if "rope_freqs.weight" in f.tensors:  # Llama 3.1 converters store the scaling as divisors
+        divisors = torch.from_numpy(dequantize(f.tensors["rope_freqs.weight"]).copy())
+        scaling = rope_scaling_from_divisors(divisors, args)
+        if scaling is not None:
+            args, divisors = args.replace(rope_scaling=scaling), None
 
     packed = dtype is None
     state: dict[str, torch.Tensor] = {}
@@ -49,11 +55,21 @@ def load_gguf(path: Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
             continue
         state[internal] = _to_torch(t, dtype or torch.float32)
     model = build_model(args, state, path, modules, packed_shapes)
-    if "rope_freqs.weight" in f.tensors:  # Llama 3.1 converters store the scaling as divisors
-        base = rope_frequencies(args.head_dim, args.rope_theta, None)
-        model.rope_freqs = base / torch.from_numpy(dequantize(f.tensors["rope_freqs.weight"]).copy())
+    if divisors is not None:  # factors that no Llama 3.1 scaling explains: use them as they are
+        model.rope_freqs = rope_frequencies(args.head_dim, args.rope_theta, None) / divisors
     types = Counter(t.qtype.name for t in f.tensors.values())
     return Checkpoint(model, args, "gguf", path, f.metadata, dict(types))
+
+
+def rope_scaling_from_divisors(divisors: torch.Tensor, args: ModelArgs) -> RopeScaling | None:
+    """The Llama 3.1 scaling whose per-frequency divisors these are (the largest divisor is the
+    factor; the other constants are Meta's), or None if they follow some other rule."""
+    scaling = RopeScaling(factor=float(divisors.max()))
+    base = rope_frequencies(args.head_dim, args.rope_theta, None)
+    expected = base / rope_frequencies(args.head_dim, args.rope_theta, scaling)
+    if divisors.shape == expected.shape and torch.allclose(divisors, expected, rtol=1e-5):
+        return scaling
+    return None
 
 
 def _packed_modules(internal: str, t: GGUFTensor, args: ModelArgs) -> dict[str, nn.Module]:

@@ -27,7 +27,7 @@ KEYMAP: dict[str, tuple[str, str]] = {
 }
 FORMATS = ("gguf", "hf")
 # Tensors a format may hold that are not model parameters (rotary tables, recomputed here).
-IGNORED = {"gguf": {"rope_freqs.weight"}, "hf": set()}
+IGNORED = {"gguf": {"rope_freqs.weight"}, "hf": set(), "meta": {"rope.freqs"}}
 
 
 def _compile(fmt: str) -> list[tuple[re.Pattern[str], str]]:

@@ -1,0 +1,140 @@
+"""Convert checkpoints between GGUF, Hugging Face and Meta layouts; GGUF is written with `gguf`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType
+from gguf.quants import quantize
+
+from llamaherd.checkpoint import Checkpoint, load_checkpoint
+from llamaherd.checkpoint.errors import CheckpointError
+from llamaherd.checkpoint.gguf import GGUFFile, read_gguf
+from llamaherd.checkpoint.hf import save_hf
+from llamaherd.checkpoint.keymaps import from_internal
+from llamaherd.checkpoint.meta import save_meta
+from llamaherd.config import ModelArgs
+from llamaherd.model import Transformer, rope_frequencies
+
+FORMATS = ("hf", "meta", "gguf")
+# GGUF type of the weight matrices -> (tensor type, file type); norms are always F32.
+WEIGHT_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
+    "F32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
+    "F16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+    "Q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+}
+# general.* keys that describe the file itself: the writer sets them, they are not copied.
+_FILE_KEYS = {"general.architecture", "general.file_type", "general.quantization_version",
+              "general.alignment"}
+
+
+def convert(src: str | Path, dst: str | Path, fmt: str, *, gguf_type: str = "F32") -> Path:
+    """Load `src` (a registered name, a GGUF file, an HF or Meta directory) in float32 and write
+    it to `dst` as `fmt`: "hf" (a directory: config.json, model.safetensors), "meta" (a
+    directory: params.json, consolidated.00.pth) or "gguf" (a file; weight matrices stored as
+    `gguf_type`: F32, F16 or Q8_0).
+
+    A GGUF source's vocabulary and chat template are copied into a GGUF output. Tokenizer files
+    are not converted: an HF or Meta output holds the weights and config only, and a GGUF
+    written from an HF or Meta directory has no vocabulary.
+    """
+    from llamaherd.api import resolve_path
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if gguf_type.upper() not in WEIGHT_TYPES:
+        raise ValueError(f"unsupported GGUF type {gguf_type!r}; choose one of "
+                         f"{', '.join(WEIGHT_TYPES)}")
+    ckpt = load_checkpoint(resolve_path(src), dtype=torch.float32)
+    dst = Path(dst)
+    if fmt == "gguf":
+        if dst.is_dir():
+            dst = dst / "model.gguf"
+        source = read_gguf(ckpt.path) if ckpt.format == "gguf" else None
+        return write_gguf(ckpt.model, dst, weight_type=gguf_type.upper(), source=source)
+    _check_expressible(ckpt, fmt)
+    state = ckpt.model.state_dict()
+    return save_hf(state, ckpt.args, dst) if fmt == "hf" else save_meta(state, ckpt.args, dst)
+
+
+def _check_expressible(ckpt: Checkpoint, fmt: str) -> None:
+    """Refuse to write a config that would load as a different model."""
+    args = ckpt.args
+    if fmt == "hf":
+        back = ModelArgs.from_hf_config(args.to_hf_config())
+    else:
+        back = ModelArgs.from_params_json(args.to_params_json())
+    expected = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
+    if not torch.equal(ckpt.model.rope_freqs.cpu(), expected):
+        raise CheckpointError(ckpt.path, "its rotary frequencies follow no Llama 3.1 scaling, "
+                                         f"which a {fmt} config cannot express")
+    if back != args:
+        changed = [f for f in args.__dataclass_fields__ if getattr(back, f) != getattr(args, f)]
+        raise CheckpointError(ckpt.path, f"a {fmt} config cannot express this model's "
+                                         f"{', '.join(changed)}")
+
+
+def write_gguf(model: Transformer, dst: str | Path, *, weight_type: str = "F32",
+               source: GGUFFile | None = None) -> Path:
+    """Write a float model as a llama GGUF: every `llama.*` key ModelArgs.from_gguf reads, weight
+    matrices as `weight_type`, norms in F32, Llama 3.1 rotary scaling as the `rope_freqs`
+    divisors llama.cpp applies, and the `general.*` and `tokenizer.*` keys of `source`."""
+    args: ModelArgs = model.args
+    qtype, file_type = WEIGHT_TYPES[weight_type]
+    dst = Path(dst)
+    part = dst.with_name(dst.name + ".part")
+    w = GGUFWriter(part, "llama")
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_block_count(args.n_layers)
+    w.add_feed_forward_length(args.hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_vocab_size(args.vocab_size)
+    w.add_rope_dimension_count(args.head_dim)
+    if args.head_dim != args.dim // args.n_heads:
+        w.add_key_length(args.head_dim)
+        w.add_value_length(args.head_dim)
+    w.add_file_type(file_type)
+    if qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        w.add_quantization_version(GGML_QUANT_VERSION)
+    if source is not None:
+        for key, value in source.metadata.items():
+            copied = key.startswith(("tokenizer.", "general."))
+            if copied and key not in _FILE_KEYS:
+                vtype, etype = source.value_types[key]
+                if isinstance(value, np.ndarray):
+                    value = value.tolist()
+                w.add_key_value(key, value, vtype, sub_type=etype)
+
+    for name, t in model.state_dict().items():
+        if name == "output.weight" and args.tie_embeddings:
+            continue
+        _add_tensor(w, from_internal(name, "gguf"), t.detach().float().cpu().numpy(), qtype)
+    # llama.cpp has no "llama3" rope scaling type: it divides each frequency by rope_freqs.
+    base = rope_frequencies(args.head_dim, args.rope_theta, None)
+    freqs = model.rope_freqs.detach().float().cpu()
+    if not torch.equal(freqs, base):
+        w.add_tensor("rope_freqs.weight", (base / freqs).numpy())
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(part, dst)
+    return dst
+
+
+def _add_tensor(w: GGUFWriter, name: str, arr: np.ndarray, qtype: GGMLQuantizationType) -> None:
+    """Vectors (norms) stay F32; matrices take `qtype` (F16 if a row does not fill Q8_0 blocks)."""
+    if arr.ndim == 1 or qtype == GGMLQuantizationType.F32:
+        w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+    elif qtype == GGMLQuantizationType.F16 or arr.shape[-1] % 32:
+        w.add_tensor(name, arr.astype(np.float16))
+    else:
+        w.add_tensor(name, quantize(np.ascontiguousarray(arr), qtype), raw_dtype=qtype)

