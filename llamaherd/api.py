@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -11,6 +12,12 @@ from llamaherd import hub
 from llamaherd.checkpoint import Checkpoint, load_checkpoint
 from llamaherd.config import ModelArgs
 from llamaherd.model import Transformer
+
+if TYPE_CHECKING:
+    from llamaherd.generation.chat import ChatCompletion
+    from llamaherd.generation.engine import Engine
+    from llamaherd.generation.generate import Completion
+    from llamaherd.generation.sequence import Event
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -44,6 +51,7 @@ class LLM:
         self.model: Transformer = checkpoint.model
         self.args: ModelArgs = checkpoint.args
         self.tokenizer = tokenizer
+        self._engine: Engine | None = None
 
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -60,6 +68,60 @@ class LLM:
         finally:
             for layer, cache in zip(self.model.layers, saved):
                 layer.attention.cache = cache
+
+    # ----- generation: every method below drives llamaherd.generation's one engine -----
+
+    def events(self, prompts: list[list[int]], **sampling: Any) -> Iterator[Event]:
+        """Engine events for token-id prompts (the loop the other methods share)."""
+        from llamaherd.generation.generate import generate_stream, sized_engine
+        from llamaherd.generation.sampling import SamplingParams
+
+        params = SamplingParams(**sampling)
+        self._engine = sized_engine(self._engine, self.model, self.tokenizer, prompts, params)
+        return generate_stream(self._engine, prompts, params)
+
+    def generate(self, prompt_or_prompts: Any, **sampling: Any) -> list[Completion]:
+        """Complete a prompt (str or list of token ids) or a list of prompts.
+
+        Returns n completions per prompt, prompt by prompt. Keyword arguments are SamplingParams
+        fields (max_new_tokens, temperature=0 for greedy, top_k, top_p, min_p, seed, stop, ...).
+        """
+        from llamaherd.generation.generate import collect, to_token_ids
+
+        batch = to_token_ids(self.tokenizer, prompt_or_prompts)
+        return collect(self.events(batch.ids, **sampling))
+
+    def stream(self, prompt: Any, **sampling: Any) -> Iterator[str]:
+        """Text deltas of one completion as they are generated."""
+        from llamaherd.generation.generate import to_token_ids
+
+        batch = to_token_ids(self.tokenizer, prompt)
+        if not batch.single or sampling.get("n", 1) != 1:
+            raise ValueError("stream() takes one prompt and n=1")
+        for e in self.events(batch.ids, **sampling):
+            if e.text:
+                yield e.text
+
+    def chat_events(self, messages: list[Any], tools: list[Any] | None = None,
+                    **sampling: Any) -> Iterator[Event]:
+        """Engine events of one assistant reply to `messages` in the model's chat format."""
+        from llamaherd.generation.chat import chat_prompt
+
+        return self.events([chat_prompt(self.tokenizer, messages, tools)], **sampling)
+
+    def chat(self, messages: list[Any], tools: list[Any] | None = None,
+             **sampling: Any) -> ChatCompletion:
+        """The assistant's reply (text or tool calls) to `messages` (dicts or Message objects)."""
+        from llamaherd.generation.chat import finish_chat
+
+        return finish_chat(self.tokenizer, list(self.chat_events(messages, tools, **sampling)))
+
+    def stream_chat(self, messages: list[Any], tools: list[Any] | None = None,
+                    **sampling: Any) -> Iterator[str]:
+        """Text deltas of the assistant's reply as they are generated."""
+        for e in self.chat_events(messages, tools, **sampling):
+            if e.text:
+                yield e.text
 
     def __repr__(self) -> str:
         a = self.args

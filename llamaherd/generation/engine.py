@@ -1,0 +1,197 @@
+"""The step-wise generation engine: R cache rows, sequences added and removed at any step.
+
+Every entry point (Python API, CLI, transformers-style wrapper, HTTP server) drives this one
+engine. A step prefills the sequences added since the last step (one right-padded forward) and
+decodes one token for every running sequence (one forward over all rows, each at its own
+position), so requests can join and leave between steps (continuous batching).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llamaherd.generation.sampling import SamplingParams
+from llamaherd.generation.sequence import Event, Sequence
+from llamaherd.model import Transformer
+
+
+class ContextWindowError(ValueError):
+    """A prompt does not fit the context window."""
+
+
+def cache_dtype(model: Transformer) -> torch.dtype:
+    w = model.tok_embeddings.weight
+    return w.dtype if w.dtype.is_floating_point else torch.float32
+
+
+class Engine:
+    """Owns the model's KV cache: `rows` independent slots of `max_len` positions each."""
+
+    def __init__(self, model: Transformer, tokenizer: Any, rows: int = 1,
+                 max_len: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.rows = rows
+        self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
+        self.device = model.rope_freqs.device
+        self._free = list(range(rows))
+        self._waiting: list[list[Sequence]] = []  # groups sharing one prompt, not prefilled yet
+        self._running: list[Sequence] = []
+        self._cache = None
+        self._setup_cache()
+
+    def _setup_cache(self) -> None:
+        self.model.setup_cache(self.rows, self.max_len, cache_dtype(self.model))
+        self._cache = self.model.layers[0].attention.cache
+
+    def _check_cache(self) -> None:
+        """Re-create the cache if someone else replaced it (only possible while idle)."""
+        if self.model.layers[0].attention.cache is not self._cache:
+            if not self.idle:
+                raise RuntimeError("the model's KV cache was replaced while sequences were running")
+            self._setup_cache()
+
+    # ----- adding and removing sequences -----
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and not self._running
+
+    @property
+    def free_rows(self) -> int:
+        return len(self._free)
+
+    @property
+    def active(self) -> list[Sequence]:
+        return [s for group in self._waiting for s in group] + list(self._running)
+
+    def fit_prompt(self, prompt_ids: list[int], params: SamplingParams) -> tuple[list[int], int]:
+        """The prompt, truncated if asked and needed, and how many tokens were dropped."""
+        n, window = len(prompt_ids), self.max_len
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n < window:
+            return list(prompt_ids), 0
+        if not params.truncate_prompt:
+            raise ContextWindowError(
+                f"the prompt has {n} tokens but the context window is {window} tokens "
+                f"(at least one must be left for the answer); shorten the prompt or allow "
+                f"truncation")
+        keep = window - min(params.max_new_tokens, window // 2)
+        bos = getattr(self.tokenizer, "bos_id", None)
+        if bos is not None and prompt_ids[0] == bos:  # keep the BOS, drop the oldest after it
+            kept = [bos] + list(prompt_ids[n - keep + 1:])
+        else:
+            kept = list(prompt_ids[n - keep:])
+        return kept, n - len(kept)
+
+    def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """Queue one sequence (params.n must be 1; see add_group); it is prefilled next step."""
+        if params.n != 1:
+            raise ValueError("Engine.add takes n=1; use add_group for several completions")
+        return self.add_group(prompt_ids, params)[0]
+
+    def add_group(self, prompt_ids: list[int], params: SamplingParams) -> list[Sequence]:
+        """Queue params.n sequences sharing one prompt; the prompt is prefilled once and its cache
+        row copied to the others. Seeds are seed, seed+1, ... when a seed is given."""
+        self._check_cache()
+        if params.n > len(self._free):
+            raise RuntimeError(f"{params.n} cache rows needed but only {len(self._free)} of "
+                               f"{self.rows} are free")
+        ids, dropped = self.fit_prompt(prompt_ids, params)
+        group = []
+        for i in range(params.n):
+            seq = Sequence(ids, params, self.tokenizer, self.max_len, seed_offset=i,
+                           truncated=dropped)
+            seq.row = self._free.pop(0)
+            group.append(seq)
+        self._waiting.append(group)
+        return group
+
+    def cancel(self, seq: Sequence) -> Event | None:
+        """Stop a sequence and free its row; returns its final event (None if already done)."""
+        for group in self._waiting:
+            if seq in group:
+                group.remove(seq)
+                if not group:
+                    self._waiting.remove(group)
+                break
+        if seq in self._running:
+            self._running.remove(seq)
+        if seq.row >= 0 and seq.row not in self._free:
+            self._free.append(seq.row)
+        return None if seq.finished else seq.cancel()
+
+    # ----- one step -----
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Prefill newly added sequences and decode one token for every running one."""
+        events: list[Event] = []
+        if self._running:
+            events += self._decode(self._running)
+        if self._waiting:
+            groups, self._waiting = self._waiting, []
+            events += self._prefill(groups)
+        for e in events:
+            if e.finish_reason is not None:
+                self.cancel(e.seq)
+        return events
+
+    def _decode(self, seqs: list[Sequence]) -> list[Event]:
+        B = len(seqs)
+        tokens = torch.tensor([[s.next_input] for s in seqs], device=self.device)
+        pos = torch.tensor([[s.pos] for s in seqs], device=self.device)
+        rows = None if B == 1 and seqs[0].row == 0 else torch.tensor(
+            [s.row for s in seqs], device=self.device)
+        logits = self.model(tokens, pos, rows)[:, -1]  # (B, V)
+        for s in seqs:
+            s.pos += 1
+        return self._sample(seqs, logits)
+
+    def _prefill(self, groups: list[list[Sequence]]) -> list[Event]:
+        leaders = [g[0] for g in groups]
+        lengths = [len(s.prompt_ids) for s in leaders]
+        T = max(lengths)
+        pad = 0
+        tokens = torch.tensor([s.prompt_ids + [pad] * (T - len(s.prompt_ids)) for s in leaders],
+                              device=self.device)
+        # padding positions write junk keys past each prompt; decoding overwrites them before
+        # any query can see them, since a query sees only positions <= its own
+        pos = torch.arange(T, device=self.device).expand(len(leaders), T)
+        rows = torch.tensor([s.row for s in leaders], device=self.device)
+        last = torch.tensor([n - 1 for n in lengths], device=self.device)
+        logits = self.model(tokens, pos, rows, output_index=last)  # (G, V)
+        seqs: list[Sequence] = []
+        row_logits: list[torch.Tensor] = []
+        for g, group in enumerate(groups):
+            n = lengths[g]
+            for s in group:
+                if s is not group[0]:
+                    self._copy_row(group[0].row, s.row, n)
+                s.pos = n
+                seqs.append(s)
+                row_logits.append(logits[g])
+        events = self._sample(seqs, torch.stack(row_logits))
+        self._running += [s for s in seqs if not s.finished]
+        return events
+
+    def _copy_row(self, src: int, dst: int, n: int) -> None:
+        for layer in self.model.layers:
+            cache = layer.attention.cache
+            cache.k[dst, :, :n] = cache.k[src, :, :n]
+            cache.v[dst, :, :n] = cache.v[src, :, :n]
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
+        """One event per sequence from its logits row; a single argmax covers the greedy rows."""
+        argmax = logits.argmax(-1).tolist()
+        events = []
+        for i, s in enumerate(seqs):
+            if s.needs_full_sampling:
+                token, info = s.choose(logits[i])
+            else:
+                token, info = argmax[i], None
+            events.append(s.append(token, info))
+        return events

@@ -1,0 +1,157 @@
+"""Sampling settings and the pure functions that turn one row of logits into the next token."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop, for one request.
+
+    temperature 0 means greedy. Filters apply in the order temperature, top-k, top-p, min-p;
+    penalties apply to the raw logits before all of them (repetition penalty over the prompt and the
+    output, presence and frequency penalties over the output only, as OpenAI defines them).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off; >1 discourages tokens already in the sequence
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # stop strings, never emitted
+    stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's stop ids
+    ignore_eos: bool = False  # keep going past the tokenizer's stop ids
+    logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus k alternatives
+    n: int = 1  # completions per prompt
+    truncate_prompt: bool = False  # drop the oldest prompt tokens instead of failing on overflow
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids)
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+             f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"),
+            (math.isfinite(self.temperature) and self.temperature >= 0,
+             f"temperature must be >= 0, got {self.temperature}"),
+            (isinstance(self.top_k, int) and self.top_k >= 0,
+             f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+             f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (-2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+             f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}"),
+            (all(isinstance(s, str) and s for s in self.stop),
+             "stop strings must be non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        return (self.repetition_penalty != 1 or self.presence_penalty != 0
+                or self.frequency_penalty != 0)
+
+
+def apply_penalties(logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None,
+                    repetition: float = 1.0, presence: float = 0.0,
+                    frequency: float = 0.0) -> torch.Tensor:
+    """Penalized copy of `logits` (V,).
+
+    seen: (V,) bool, tokens anywhere in the sequence so far (prompt included): a positive logit is
+    divided by `repetition`, a negative one multiplied by it (the CTRL paper's rule).
+    counts: (V,) how often each token was generated: `logit -= presence * (count > 0) +
+    frequency * count`.
+    """
+    out = logits.clone()
+    if repetition != 1.0 and seen is not None:
+        penalized = torch.where(out > 0, out / repetition, out * repetition)
+        out = torch.where(seen, penalized, out)
+    if counts is not None and (presence or frequency):
+        out -= presence * (counts > 0).to(out.dtype) + frequency * counts.to(out.dtype)
+    return out
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits (ties at the k-th value kept too); the rest become -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probabilities sum to at least p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass strictly ahead of each token
+    drop_sorted = before >= p  # the first token is always kept since its `before` is 0
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, -math.inf)
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the most likely token's probability."""
+    if min_p <= 0.0:
+        return logits
+    probs = logits.softmax(-1)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, -math.inf)
+
+
+def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature-scaled and filtered logits (V,); the distribution that `sample` draws from."""
+    logits = logits / params.temperature
+    logits = top_k_filter(logits, params.top_k)
+    logits = top_p_filter(logits, params.top_p)
+    return min_p_filter(logits, params.min_p)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams,
+           generator: torch.Generator | None = None) -> int:
+    """The next token id from one row of (already penalized) logits (V,)."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = filtered_logits(logits, params).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass
+class TokenLogprob:
+    """The chosen token's log-probability and the `top` most likely alternatives (id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprob(logits: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
+    """Log-probability of `token_id` under the model's raw distribution, plus the top-k tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        values, ids = torch.topk(logp, k)
+        top = list(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token_id, float(logp[token_id]), top)
