@@ -16,3 +16,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,bench]"
+# Compile the GGUF kernels now (about 30 s) rather than on first use; without a C++ compiler
+# llamaherd still runs, with slow pure-torch dequantization.
+.venv/bin/python -m llamaherd.quant.kernels \
+  || echo "warning: GGUF C++ kernels failed to build; quantized models will run slowly" >&2

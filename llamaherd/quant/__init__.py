@@ -1,0 +1,1 @@
+"""GGUF-quantized layers: C++ integer-dot kernels with a pure-torch fallback."""

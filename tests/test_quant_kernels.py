@@ -1,0 +1,208 @@
+"""The GGUF kernels and layers against the gguf package's dequantization and float matmuls."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGUFReader
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from llamaherd.quant import kernels
+from llamaherd.quant.dequant import dequantize
+from llamaherd.quant.gguf_linear import GGUFEmbedding, GGUFLinear
+
+KERNEL_TYPES = [T.Q4_0, T.Q4_1, T.Q8_0]
+K_QUANTS = [T.Q4_K, T.Q5_K, T.Q6_K]
+SHAPES = [(576, 577), (1536, 193), (64, 5)]  # (in_features, out_features): odd and tail-group rows
+ROWS = [1, 3, 8, 64, 512]
+
+
+def random_weights(qtype: T, out_features: int, in_features: int, seed: int = 0) -> np.ndarray:
+    """Packed GGUF rows: quantized Gaussians, or (k-quants, which gguf cannot quantize) random
+    bytes whose f16 super-block scales are set to sane values."""
+    rng = np.random.default_rng(seed)
+    if qtype not in K_QUANTS:
+        return gguf_quantize(rng.standard_normal((out_features, in_features), np.float32), qtype)
+    block, size = GGML_QUANT_SIZES[qtype]
+    data = rng.integers(0, 256, (out_features, in_features // block, size), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.01, data.shape[:2] + (2,)).astype(np.float16).view(np.uint8)
+    if qtype == T.Q6_K:  # d is the last field
+        data[..., -2:] = scales[..., :2]
+    else:  # d and dmin lead the block
+        data[..., :4] = scales
+    return data.reshape(out_features, -1)
+
+
+def reference(data: np.ndarray, qtype: T) -> torch.Tensor:
+    return torch.from_numpy(gguf_dequantize(data, qtype).astype(np.float32))
+
+
+def activations_as_kernels_see_them(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to 8-bit blocks of 32 exactly as the kernels quantize it (same float ops)."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    # a tensor numerator: `127 / amax` would compute 127 * (1 / amax), rounded differently
+    inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv).clamp(-127, 127)
+    return (q * (amax / 127)).reshape(x.shape)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(),
+                                                 dim=0).item()
+
+
+def test_kernels_are_built_for_this_machine():
+    assert kernels.available(), ("the GGUF C++ kernels failed to build or load: run "
+                                 "`.venv/bin/python -m llamaherd.quant.kernels -v` to see why")
+    assert kernels.load().simd() in {"avx512_vnni", "scalar"}
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_packed_weights_dequantize_exactly(qtype, shape):
+    in_f, out_f = shape
+    data = random_weights(qtype, out_f, in_f)
+    layer = GGUFLinear(data, qtype, in_f, out_f)
+    assert layer.packed and layer.data.shape == data.shape  # repacking keeps the size
+    assert torch.equal(layer.dequantize(), reference(data, qtype))
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("rows", ROWS)
+def test_kernel_matmul_matches_reference(qtype, shape, rows):
+    in_f, out_f = shape
+    data = random_weights(qtype, out_f, in_f, seed=rows)
+    w = reference(data, qtype)
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows))
+    y = GGUFLinear(data, qtype, in_f, out_f, kernels=True)(x)
+    assert y.shape == (rows, out_f) and y.dtype == torch.float32
+    # Exact up to float32 rounding once the activations are quantized the kernels' way ...
+    emulated = (activations_as_kernels_see_them(x).double() @ w.double().T).float()
+    assert (y - emulated).abs().max() < 3e-5 * emulated.abs().mean()
+    # ... and close to the float matmul: 8-bit activations cost about 1e-2 relative error.
+    exact = x @ w.T
+    assert cosine(y, exact) > 0.9999
+    assert (y - exact).abs().max() < 0.1 * exact.abs().mean()
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES + K_QUANTS + [T.F16], ids=lambda t: t.name)
+def test_torch_dequantize_matches_gguf(qtype):
+    data = random_weights(qtype, 7, 256) if qtype != T.F16 else (
+        np.random.default_rng(0).standard_normal((7, 256)).astype(np.float16).view(np.uint8))
+    assert torch.equal(dequantize(torch.from_numpy(data), qtype), reference(data, qtype))
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES + K_QUANTS, ids=lambda t: t.name)
+def test_fallback_layer_is_a_float_matmul(qtype):
+    data = random_weights(qtype, 33, 512)
+    layer = GGUFLinear(data, qtype, 512, 33, kernels=False)
+    assert not layer.packed
+    x = torch.randn(2, 3, 512)
+    torch.testing.assert_close(layer(x), x @ reference(data, qtype).T, rtol=1e-5, atol=1e-5)
+    if qtype in K_QUANTS:  # no kernel: the default layer takes the same path
+        assert not GGUFLinear(data, qtype, 512, 33).packed
+
+
+def test_layer_keeps_leading_dims_and_input_dtype():
+    data = random_weights(T.Q4_1, 96, 128)
+    layer = GGUFLinear(data, T.Q4_1, 128, 96)
+    x = torch.randn(2, 5, 128)
+    assert torch.equal(layer(x), layer(x.reshape(10, 128)).reshape(2, 5, 96))
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_concat_computes_outputs_side_by_side():
+    parts = [GGUFLinear(random_weights(T.Q4_1, n, 576, seed=n), T.Q4_1, 576, n)
+             for n in (576, 192, 192)]
+    fused = GGUFLinear.concat(parts)
+    assert (fused.in_features, fused.out_features) == (576, 960)
+    x = torch.randn(4, 576)
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+    other = GGUFLinear(random_weights(T.Q8_0, 8, 576), T.Q8_0, 576, 8)
+    with pytest.raises(ValueError, match="one qtype"):
+        GGUFLinear.concat([parts[0], other])
+
+
+def test_embedding_looks_up_rows_and_ties_to_the_output_projection():
+    data = random_weights(T.Q8_0, 100, 64)
+    emb = GGUFEmbedding(data, T.Q8_0, 64, 100)
+    ids = torch.tensor([[3, 99, 0], [3, 7, 50]])
+    out = emb(ids)
+    assert out.shape == (2, 3, 64)
+    assert torch.equal(out, reference(data, T.Q8_0)[ids])
+    assert emb.as_linear().data.data_ptr() == emb.table.data.data_ptr()  # one copy of the bytes
+    with pytest.raises(IndexError):
+        emb(torch.tensor([100]))
+
+
+def test_gradient_flows_to_the_input_through_the_kernel():
+    data = random_weights(T.Q4_1, 40, 256)
+    layer = GGUFLinear(data, T.Q4_1, 256, 40)
+    x = torch.randn(3, 256, requires_grad=True)
+    layer(x).square().sum().backward()
+    xd = x.detach().clone().requires_grad_()
+    (xd @ reference(data, T.Q4_1).T).square().sum().backward()
+    assert cosine(x.grad, xd.grad) > 0.9999
+
+
+def test_bad_inputs_are_refused_with_clear_errors():
+    data = random_weights(T.Q4_1, 8, 64)
+    with pytest.raises(ValueError, match="needs uint8 data of shape"):
+        GGUFLinear(data, T.Q4_1, 64, 9)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        GGUFLinear(data, T.Q4_1, 65, 8)
+    with pytest.raises(ValueError, match="no GGUF kernel for Q4_K"):
+        GGUFLinear(random_weights(T.Q4_K, 2, 256), T.Q4_K, 256, 2, kernels=True)
+
+
+def test_default_model_tensors(default_model_path):
+    tensors = {t.name: t for t in GGUFReader(default_model_path).tensors}
+    q = GGUFLinear.from_gguf(tensors["blk.0.attn_q.weight"])
+    down = GGUFLinear.from_gguf(tensors["blk.0.ffn_down.weight"])
+    assert (q.qtype, q.in_features, q.out_features, q.packed) == (T.Q4_1, 576, 576, True)
+    for layer, name in ((q, "blk.0.attn_q.weight"), (down, "blk.0.ffn_down.weight")):
+        w = reference(np.asarray(tensors[name].data), layer.qtype)
+        assert torch.equal(layer.dequantize(), w)
+        x = torch.randn(5, layer.in_features)
+        assert cosine(layer(x), x @ w.T) > 0.9999
+
+    t = tensors["token_embd.weight"]
+    emb = GGUFEmbedding(t.data, t.tensor_type, 576, 49152)
+    ids = torch.tensor([0, 1, 12345, 49151])
+    table = np.asarray(t.data)[ids.numpy()]
+    assert torch.equal(emb(ids), reference(table, T.Q8_0))
+    x = torch.randn(1, 576)
+    logits = emb.as_linear()(x)
+    assert logits.shape == (1, 49152)
+    assert cosine(logits[:, ids], x @ reference(table, T.Q8_0).T) > 0.9999
+
+
+def test_without_kernels_layers_fall_back_with_a_warning():
+    code = ("import torch, warnings\n"
+            "from llamaherd.quant import kernels\n"
+            "from llamaherd.quant.gguf_linear import GGUFLinear\n"
+            "from gguf.quants import quantize, dequantize\n"
+            "w = torch.randn(16, 64).numpy()\n"
+            "data = quantize(w, 3)\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    assert not kernels.available()\n"
+            "layer = GGUFLinear(data, 3, 64, 16)\n"
+            "x = torch.randn(2, 64)\n"
+            "ref = x @ torch.from_numpy(dequantize(data, 3)).T\n"
+            "assert not layer.packed and torch.allclose(layer(x), ref, atol=1e-5)\n"
+            "print(caught[0].message)\n")
+    env = dict(os.environ, LLAMAHERD_NO_KERNELS="1")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "GGUF C++ kernels unavailable (LLAMAHERD_NO_KERNELS=1)" in run.stdout
