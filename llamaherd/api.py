@@ -114,7 +114,8 @@ class LLM:
         """The assistant's reply (text or tool calls) to `messages` (dicts or Message objects)."""
         from llamaherd.generation.chat import finish_chat
 
-        return finish_chat(self.tokenizer, list(self.chat_events(messages, tools, **sampling)))
+        events = list(self.chat_events(messages, tools, **sampling))
+        return finish_chat(self.tokenizer, events, tools)
 
     def stream_chat(self, messages: list[Any], tools: list[Any] | None = None,
                     **sampling: Any) -> Iterator[str]:

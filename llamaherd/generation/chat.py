@@ -29,7 +29,7 @@ class ChatCompletion:
 
     @property
     def tool_calls(self) -> list[Any] | None:
-        return getattr(self.message, "tool_calls", None)
+        return self.message.tool_calls
 
 
 def chat_format(tokenizer: Any) -> Any:
@@ -43,40 +43,8 @@ def chat_format(tokenizer: Any) -> Any:
     return fmt
 
 
-def to_messages(messages: list[Any]) -> list[Any]:
-    """Dicts (OpenAI style) or Message objects -> Message objects."""
-    from llamaherd.tokenizer.chat import Message, ToolCall
-
-    out = []
-    for m in messages:
-        if isinstance(m, Message):
-            out.append(m)
-            continue
-        if not isinstance(m, dict) or "role" not in m:
-            raise ValueError(f"a message must be a dict with a 'role' or a Message, got {m!r}")
-        calls = None
-        if m.get("tool_calls"):
-            calls = [c if isinstance(c, ToolCall) else _tool_call(c) for c in m["tool_calls"]]
-        out.append(Message(m["role"], m.get("content") or "", tool_calls=calls,
-                           tool_call_id=m.get("tool_call_id"), name=m.get("name")))
-    return out
-
-
-def _tool_call(c: dict[str, Any]) -> Any:
-    import json
-
-    from llamaherd.tokenizer.chat import ToolCall
-
-    fn = c.get("function", c)
-    args = fn.get("arguments", {})
-    if isinstance(args, str):
-        args = json.loads(args) if args.strip() else {}
-    return ToolCall(c.get("id", ""), fn["name"], args)
-
-
 def chat_prompt(tokenizer: Any, messages: list[Any], tools: list[Any] | None = None) -> list[int]:
-    return chat_format(tokenizer).encode_dialog(to_messages(messages), tools=tools,
-                                                add_generation_prompt=True)
+    return chat_format(tokenizer).encode_dialog(messages, tools=tools, add_generation_prompt=True)
 
 
 def chat_stream(engine: Engine, messages: list[Any], params: SamplingParams,
@@ -87,14 +55,18 @@ def chat_stream(engine: Engine, messages: list[Any], params: SamplingParams,
     yield from generate_stream(engine, [chat_prompt(engine.tokenizer, messages, tools)], params)
 
 
-def finish_chat(tokenizer: Any, events: list[Event]) -> ChatCompletion:
+def finish_chat(tokenizer: Any, events: list[Event],
+                tools: list[Any] | None = None) -> ChatCompletion:
     """Parse the finished reply into a message; a reply with tool calls finishes as tool_calls."""
+    from llamaherd.tokenizer.chat import as_tools
+
     seq = events[-1].seq
     stop_token = seq.stop_reason if isinstance(seq.stop_reason, int) else None
-    message = chat_format(tokenizer).parse(seq.output_ids, stop_token)
-    message = getattr(message, "message", message)
+    names = [t.name for t in as_tools(tools)] if tools else None
+    message = chat_format(tokenizer).parse(seq.text if seq.params.stop else seq.output_ids,
+                                           stop_token, tool_names=names).to_message()
     reason = seq.finish_reason or "cancelled"
-    if getattr(message, "tool_calls", None):
+    if message.tool_calls:
         reason = "tool_calls"
         events[-1].finish_reason = reason
     logprobs = [e.logprob for e in events if e.logprob is not None] or None

@@ -39,6 +39,7 @@ class Engine:
         self._free = list(range(rows))
         self._waiting: list[list[Sequence]] = []  # groups sharing one prompt, not prefilled yet
         self._running: list[Sequence] = []
+        self._holders: dict[int, Sequence] = {}  # sequence id -> sequence, for each held row
         self._cache = None
         self._setup_cache()
 
@@ -106,22 +107,23 @@ class Engine:
             seq = Sequence(ids, params, self.tokenizer, self.max_len, seed_offset=i,
                            truncated=dropped)
             seq.row = self._free.pop(0)
+            self._holders[seq.id] = seq
             group.append(seq)
         self._waiting.append(group)
         return group
 
     def cancel(self, seq: Sequence) -> Event | None:
         """Stop a sequence and free its row; returns its final event (None if already done)."""
-        for group in self._waiting:
-            if seq in group:
-                group.remove(seq)
-                if not group:
-                    self._waiting.remove(group)
-                break
-        if seq in self._running:
-            self._running.remove(seq)
-        if seq.row >= 0 and seq.row not in self._free:
+        if self._holders.pop(seq.id, None) is not None:
             self._free.append(seq.row)
+            for group in self._waiting:
+                if seq in group:
+                    group.remove(seq)
+                    if not group:
+                        self._waiting.remove(group)
+                    break
+            if seq in self._running:
+                self._running.remove(seq)
         return None if seq.finished else seq.cancel()
 
     # ----- one step -----
@@ -177,6 +179,19 @@ class Engine:
         events = self._sample(seqs, torch.stack(row_logits))
         self._running += [s for s in seqs if not s.finished]
         return events
+
+    @torch.inference_mode()
+    def extend(self, seq: Sequence, tokens: list[int]) -> torch.Tensor:
+        """Feed `tokens` into seq's row at positions seq.pos, seq.pos+1, ...; logits (T, V).
+
+        seq.pos is left to the caller (speculative decoding keeps only the accepted prefix).
+        """
+        T = len(tokens)
+        if seq.pos + T > self.max_len:
+            raise ValueError(f"{T} tokens at position {seq.pos} overflow the cache ({self.max_len})")
+        pos = torch.arange(seq.pos, seq.pos + T, device=self.device)[None]
+        rows = None if seq.row == 0 else torch.tensor([seq.row], device=self.device)
+        return self.model(torch.tensor([tokens], device=self.device), pos, rows)[0]
 
     def _copy_row(self, src: int, dst: int, n: int) -> None:
         for layer in self.model.layers:

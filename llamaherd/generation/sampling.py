@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,10 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus k alternatives
     n: int = 1  # completions per prompt
     truncate_prompt: bool = False  # drop the oldest prompt tokens instead of failing on overflow
+    # f(output_ids, logits (V,)) -> logits, applied after the penalties (grammar constraints);
+    # a stateful processor belongs to one sequence, so give each sequence its own params (n=1)
+    logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] = field(
+        default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

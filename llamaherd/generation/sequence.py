@@ -77,7 +77,7 @@ class Sequence:
     def needs_full_sampling(self) -> bool:
         """False when a batched argmax over the raw logits gives this sequence's token."""
         p = self.params
-        return not p.greedy or p.penalized or p.logprobs is not None
+        return not p.greedy or p.penalized or p.logprobs is not None or bool(p.logits_processors)
 
     def choose(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
         """Pick the next token from this sequence's logits row (V,)."""
@@ -87,6 +87,8 @@ class Sequence:
             self._init_penalty_state(logits)
             logits = apply_penalties(logits, self.seen, self.counts, p.repetition_penalty,
                                      p.presence_penalty, p.frequency_penalty)
+        for processor in p.logits_processors:
+            logits = processor(self.output_ids, logits)
         token = sample(logits.float(), p, self.generator)
         info = token_logprob(raw, token, p.logprobs) if p.logprobs is not None else None
         return token, info
