@@ -59,6 +59,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return APIError(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
                         .rstrip(": "), code="invalid_json")
     param = _loc_to_param(tuple(first.get("loc", ())))
+    if param is None:  # the body as a whole: not JSON, or JSON that is not an object
+        return APIError("the request body must be a JSON object (Content-Type: application/json)",
+                        code="invalid_body")
     msg = str(first.get("msg", "invalid value"))
     msg = msg.removeprefix("Value error, ")
     if first.get("type") == "missing":

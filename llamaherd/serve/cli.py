@@ -1,0 +1,49 @@
+"""`llamaherd serve`: load a model and run the OpenAI-compatible server with uvicorn."""
+
+from __future__ import annotations
+
+import click
+
+from llamaherd.cli import UserError, _friendly
+from llamaherd.hub import DEFAULT_MODEL
+
+
+@click.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--max-seqs", default=8, show_default=True, type=click.IntRange(1, 256),
+              help="Sequences generated together (KV-cache rows).")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0, 100000),
+              help="Requests allowed to wait for a free row; beyond it the server answers 429.")
+@click.option("--ctx-size", default=2048, show_default=True, type=click.IntRange(16, 1 << 20),
+              help="Tokens per sequence, prompt plus answer (capped at the model's window).")
+@click.option("--model-id", default=None, help="The name clients use (default: MODEL).")
+@click.option("--threads", default=None, type=click.IntRange(1, 1024),
+              help="torch CPU threads (default: torch's choice).")
+@click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: fastest).")
+@_friendly
+def serve(model: str, host: str, port: int, max_seqs: int, max_queue: int, ctx_size: int,
+          model_id: str | None, threads: int | None, dtype: str | None) -> None:
+    """Serve MODEL behind an OpenAI-compatible API, with a web chat page at /."""
+    import torch
+    import uvicorn
+
+    from llamaherd.api import load
+    from llamaherd.serve.app import create_app
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    llm = load(model, dtype=dtype)
+    if model_id is None:
+        model_id = model if "/" not in model and not model.endswith(".gguf") else \
+            llm.checkpoint.path.stem
+    app = create_app(llm, model_id, max_seqs=max_seqs, max_queue=max_queue, context=ctx_size)
+    click.echo(f"serving {model_id} on http://{host}:{port}/  (OpenAI API at /v1)", err=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+
+
+COMMANDS = [serve]

@@ -1,0 +1,133 @@
+"""Response objects and stream chunks in the exact shapes of OpenAI's API, as plain dicts."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any
+
+from llamaherd.generation.sampling import TokenLogprob
+
+SYSTEM_FINGERPRINT = "llamaherd"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def sse(obj: dict[str, Any] | str) -> bytes:
+    """One server-sent event carrying JSON (or the literal [DONE])."""
+    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"),
+                                                       ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class TokenText:
+    """Token id -> (text, UTF-8 bytes) for logprob entries, cached per id."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            raw = self.tokenizer.decode_bytes([token_id])
+            hit = (raw.decode("utf-8", errors="replace"), list(raw))
+            self._cache[token_id] = hit
+        return hit
+
+
+def chat_logprob_entries(text: TokenText, logprobs: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """`choices[].logprobs.content` of a chat completion."""
+    out = []
+    for lp in logprobs:
+        token, raw = text(lp.token_id)
+        top = []
+        for tid, value in lp.top:
+            t, b = text(tid)
+            top.append({"token": t, "logprob": value, "bytes": b})
+        out.append({"token": token, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top})
+    return out
+
+
+def completion_logprobs(text: TokenText, logprobs: list[TokenLogprob],
+                        start_offset: int = 0) -> dict[str, Any]:
+    """`choices[].logprobs` of a legacy text completion."""
+    tokens, values, tops, offsets = [], [], [], []
+    offset = start_offset
+    for lp in logprobs:
+        token, _ = text(lp.token_id)
+        tokens.append(token)
+        values.append(lp.logprob)
+        tops.append({text(tid)[0]: v for tid, v in lp.top} if lp.top else None)
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+class ChatChunks:
+    """Builds `chat.completion.chunk` events for one streamed request."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.id = new_id("chatcmpl")
+        self.created = now()
+        self.model = model
+        self.include_usage = include_usage
+
+    def chunk(self, index: int, delta: dict[str, Any], finish_reason: str | None = None,
+              logprobs: list[dict[str, Any]] | None = None) -> bytes:
+        choice = {"index": index, "delta": delta,
+                  "logprobs": None if logprobs is None else {"content": logprobs,
+                                                             "refusal": None},
+                  "finish_reason": finish_reason}
+        obj: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk",
+                               "created": self.created, "model": self.model,
+                               "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [choice]}
+        if self.include_usage:
+            obj["usage"] = None
+        return sse(obj)
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        return sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                    "model": self.model, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [],
+                    "usage": usage(prompt_tokens, completion_tokens)})
+
+
+def chat_completion(model: str, choices: list[dict[str, Any]], prompt_tokens: int,
+                    completion_tokens: int) -> dict[str, Any]:
+    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(),
+            "model": model, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def text_completion(model: str, choices: list[dict[str, Any]], prompt_tokens: int,
+                    completion_tokens: int, completion_id: str | None = None,
+                    created: int | None = None, with_usage: bool = True) -> dict[str, Any]:
+    obj: dict[str, Any] = {"id": completion_id or new_id("cmpl"), "object": "text_completion",
+                           "created": created or now(), "model": model,
+                           "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
+    if with_usage:
+        obj["usage"] = usage(prompt_tokens, completion_tokens)
+    return obj
+
+
+def tool_call_dict(call_id: str, name: str, arguments: dict[str, Any] | str,
+                   index: int | None = None) -> dict[str, Any]:
+    args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    out: dict[str, Any] = {"id": call_id, "type": "function",
+                           "function": {"name": name, "arguments": args}}
+    if index is not None:
+        out = {"index": index, **out}
+    return out

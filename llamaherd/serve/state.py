@@ -1,0 +1,80 @@
+"""What every endpoint shares: the model, its scheduler, grammar compiler, metrics and limits."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from llamaherd.engine.guidance import Guidance
+from llamaherd.engine.scheduler import Job, QueueFull, Scheduler
+from llamaherd.generation.sequence import Event
+from llamaherd.serve.errors import APIError, QueueFullError
+from llamaherd.serve.metrics import Metrics
+from llamaherd.serve.openai_format import TokenText
+
+
+@dataclass
+class ServerState:
+    llm: Any  # llamaherd.api.LLM
+    model_id: str
+    context: int  # tokens per sequence (prompt + output)
+    scheduler: Scheduler
+    guidance: Guidance
+    metrics: Metrics
+    token_text: TokenText
+    created: int = 0
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.llm.tokenizer
+
+    @property
+    def vocab(self) -> int:
+        return self.llm.args.vocab_size
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_id:
+            raise APIError(f"the model {name!r} does not exist; this server serves "
+                           f"{self.model_id!r}", 404, param="model", code="model_not_found")
+
+    def submit(self, job: Job) -> Job:
+        try:
+            self.scheduler.submit(job)
+        except QueueFull as e:
+            raise QueueFullError(self.scheduler.max_queue) from e
+        except ValueError as e:
+            raise APIError(str(e), param="n") from e
+        self.metrics.prompt_tokens.inc(len(job.prompt_ids) * max(1, len(job.choices)))
+        return job
+
+
+async def next_event(job: Job) -> Event:
+    """The job's next engine event; an engine-side failure becomes an APIError."""
+    item = await job.events.get()
+    if isinstance(item, Exception):
+        job.done = True
+        if isinstance(item, ValueError):
+            raise APIError(str(item))
+        raise APIError(f"generation failed: {item}", 500, type="server_error")
+    return item
+
+
+def watch_disconnect(request: Request, state: ServerState, jobs: list[Job]) -> asyncio.Task[Any]:
+    """Cancel `jobs` when the client of a non-streaming request goes away."""
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                for job in jobs:
+                    state.scheduler.cancel(job)
+                return
+
+    task = asyncio.get_running_loop().create_task(watch())
+    state.tasks.add(task)
+    task.add_done_callback(state.tasks.discard)
+    return task
