@@ -14,7 +14,7 @@ from llamaherd.config import ModelArgs
 from llamaherd.model import Transformer, rope_frequencies
 
 __all__ = ["CheckpointError", "Checkpoint", "load_checkpoint", "detect_format",
-           "build_model", "set_module"]
+           "build_model", "check_shapes", "set_module"]
 
 
 @dataclass
@@ -58,22 +58,10 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], path: Path,
     weights are then absent from `state` and their shapes come in `packed_shapes`. Every tensor's
     shape is checked against the config before anything is assigned.
     """
+    shapes = {name: tuple(t.shape) for name, t in state.items()} | (packed_shapes or {})
+    check_shapes(args, shapes, path)
     with torch.device("meta"):
         model = Transformer(args)
-    expected = dict(model.state_dict())
-    if args.tie_embeddings:
-        expected.pop("output.weight")
-    shapes = {name: tuple(t.shape) for name, t in state.items()} | (packed_shapes or {})
-    for name, shape in shapes.items():
-        if name not in expected:
-            raise CheckpointError(path, f"unexpected tensor {name}")
-        if shape != tuple(expected[name].shape):
-            raise CheckpointError(path, f"tensor {name} has shape {shape}, the config "
-                                        f"expects {tuple(expected[name].shape)}")
-    missing = sorted(set(expected) - set(shapes))
-    if missing:
-        raise CheckpointError(path, f"missing tensor {missing[0]}"
-                                    + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     for name, module in (modules or {}).items():
         set_module(model, name, module)
     model.load_state_dict(state, strict=False, assign=True)
@@ -81,6 +69,25 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], path: Path,
         model.output.weight = model.tok_embeddings.weight
     model.rope_freqs = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
     return model.eval()
+
+
+def check_shapes(args: ModelArgs, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """Raise CheckpointError unless `shapes` (internal names) are exactly the parameters that
+    `args` describes (the output projection absent when tied)."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in Transformer(args).state_dict().items()}
+    if args.tie_embeddings:
+        expected.pop("output.weight")
+    for name, shape in shapes.items():
+        if name not in expected:
+            raise CheckpointError(path, f"unexpected tensor {name}")
+        if shape != expected[name]:
+            raise CheckpointError(path, f"tensor {name} has shape {shape}, the config "
+                                        f"expects {expected[name]}")
+    missing = sorted(set(expected) - set(shapes))
+    if missing:
+        raise CheckpointError(path, f"missing tensor {missing[0]}"
+                                    + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

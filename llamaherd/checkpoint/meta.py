@@ -43,24 +43,23 @@ def read_shard(file: Path) -> dict[str, torch.Tensor]:
     """One shard's tensors, memory-mapped. Only tensors are unpickled: anything else in the file
     (a class instance, a function call) is refused before it can run."""
     try:
-        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(file, "refusing to unpickle: the file holds Python objects other "
-                                    f"than tensors ({_unpickler_reason(e)})") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            # the pre-1.6 (non-zip) format cannot be mapped; still read with weights_only
+            sd = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+        forbidden = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if forbidden:
+            raise CheckpointError(file, f"refusing to unpickle: the file holds Python objects "
+                                        f"other than tensors ({forbidden.group(1)})") from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(file, f"not a readable PyTorch checkpoint: {reason}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(file, "expected a dict of tensor names to tensors")
     return sd
-
-
-def _unpickler_reason(e: Exception) -> str:
-    """The one informative line of torch's long weights_only refusal."""
-    for line in str(e).splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].strip().rstrip(".")
-    return str(e).strip().splitlines()[0] if str(e).strip() else "unpickling error"
 
 
 def type_name(dtype: torch.dtype) -> str:
