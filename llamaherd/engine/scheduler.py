@@ -176,7 +176,8 @@ class Scheduler:
                 del self._owner[e.seq.id]
             batch.append((job, e))
         if self.on_step is not None:
-            self.on_step(len(self._owner), len(self._waiting), len(events))
+            tokens = sum(e.token_id is not None for e in events)
+            self.on_step(len(self._owner), len(self._waiting), tokens)
         if batch:
             self._post(batch)
 
