@@ -55,7 +55,7 @@ def read_shard(file: Path) -> dict[str, torch.Tensor]:
         if forbidden:
             raise CheckpointError(file, f"refusing to unpickle: the file holds Python objects "
                                         f"other than tensors ({forbidden.group(1)})") from None
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = str(e).strip().split("\n")[0].split(". ")[0] or type(e).__name__
         raise CheckpointError(file, f"not a readable PyTorch checkpoint: {reason}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(file, "expected a dict of tensor names to tensors")
