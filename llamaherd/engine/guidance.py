@@ -105,13 +105,14 @@ class Guidance:
             })
         schema = options[0] if len(options) == 1 else {"anyOf": options}
         schema["x-guidance"] = _JSON_OPTIONS  # %json inside Lark reads its options from here
-        lark = f"start: {self._literal(begin)} %json {json.dumps(schema)} {self._literal(end)}"
+        parts = [self._literal(begin), f"%json {json.dumps(schema)}", self._literal(end)]
+        lark = "start: " + " ".join(p for p in parts if p)
         return self.check(llguidance.LLMatcher.grammar_from_lark(lark))
 
     def _literal(self, text: str) -> str:
         """Lark for `text`: special tokens by name (e.g. <|python_tag|>), the rest quoted."""
         if not text:
-            return '""'
+            return ""
         parts: list[str] = []
         specials = sorted(self.tokenizer.special_tokens, key=len, reverse=True)
         rest = text

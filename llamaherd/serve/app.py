@@ -29,6 +29,7 @@ from llamaherd.serve.schemas import (
     TokenizeRequest,
 )
 from llamaherd.serve.state import ServerState
+from llamaherd.tokenizer import chat_format
 
 STATIC = Path(__file__).parent / "static"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -124,7 +125,8 @@ def create_app(llm: Any, model_id: str, *, max_seqs: int = 8, max_queue: int = 6
         scheduler = Scheduler(engine, asyncio.get_running_loop(), max_queue, metrics.on_step)
         guidance = Guidance(llm.tokenizer, llm.args.vocab_size)
         app.state.server = ServerState(llm, model_id, context, scheduler, guidance, metrics,
-                                       TokenText(llm.tokenizer), created=now())
+                                       TokenText(llm.tokenizer), chat_format(llm.tokenizer),
+                                       created=now())
         scheduler.start()
         try:
             yield
@@ -188,7 +190,7 @@ def create_app(llm: Any, model_id: str, *, max_seqs: int = 8, max_queue: int = 6
         if body.messages is not None:
             chat_req = ChatCompletionRequest.model_validate(
                 {"model": s.model_id, "messages": [m.model_dump() for m in body.messages]})
-            ids = chat_prompt_ids(s.tokenizer, chat_req)
+            ids = chat_prompt_ids(s.chat, chat_req)
         else:
             bos = body.add_special_tokens and bool(getattr(s.tokenizer, "add_bos", False))
             ids = s.tokenizer.encode(body.prompt or "", bos=bos)

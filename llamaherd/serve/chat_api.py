@@ -10,7 +10,6 @@ from fastapi import Request
 
 from llamaherd.engine.guidance import GrammarConstraint
 from llamaherd.engine.scheduler import Job
-from llamaherd.generation.chat import chat_format
 from llamaherd.generation.sampling import TokenLogprob
 from llamaherd.generation.sequence import Event
 from llamaherd.serve.errors import APIError
@@ -56,9 +55,9 @@ class ChatRun:
             raise APIError(f"n is {req.n} but the server runs at most "
                            f"{state.scheduler.max_seqs} sequences", param="n")
         self.state, self.req = state, req
-        prompt = chat_prompt_ids(state.tokenizer, req)
+        prompt = chat_prompt_ids(state.chat, req)
         budget = output_budget(len(prompt), req.token_limit(), state.context)
-        self.syntax: ToolSyntax = tool_syntax(state.tokenizer)
+        self.syntax: ToolSyntax = tool_syntax(state.chat)
         grammar = chat_grammar(req, state.guidance, self.syntax)
         tool_choice = req.effective_tool_choice()
         self.tools_on = tool_choice != "none"
@@ -110,7 +109,7 @@ class ChatRun:
         if not self.tools_on:
             return text, []
         stop = seq.stop_reason if isinstance(seq.stop_reason, int) else None
-        parsed = chat_format(self.state.tokenizer).parse(seq.output_ids, stop, self.tool_names)
+        parsed = self.state.chat.parse(seq.output_ids, stop, self.tool_names)
         calls = [tool_call_dict(tc.id, tc.name, tc.arguments) for tc in parsed.tool_calls
                  if tc.name in self.tool_names]
         if not calls:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from llamaherd.engine.guidance import GrammarError, Guidance
-from llamaherd.generation.chat import chat_format
 from llamaherd.generation.sampling import SamplingParams
 from llamaherd.serve.errors import APIError
 from llamaherd.serve.schemas import ChatCompletionRequest, NamedToolChoice, _Sampling
@@ -29,20 +29,43 @@ class ToolSyntax:
         return t == "" or t.startswith(("{", "["))
 
 
-def tool_syntax(tokenizer: Any) -> ToolSyntax:
-    """The call syntax of the model's chat format: Llama 3's JSON with "parameters", or the
+def tool_syntax(fmt: Any) -> ToolSyntax:
+    """The call syntax of a chat format: Llama 3's bare JSON with "parameters", or the
     <tool_call> blocks of ChatML models (both read back by tokenizer.toolcalls)."""
-    fmt = chat_format(tokenizer)
     declared = getattr(fmt, "tool_call_syntax", None)
     if declared is not None:
         return ToolSyntax(*declared)
-    if tokenizer.token_to_id("<|python_tag|>") is not None:
+    if fmt.tok.token_to_id("<|start_header_id|>") is not None:
         return ToolSyntax("", "", "parameters")
     return ToolSyntax("<tool_call>\n", "\n</tool_call>", "arguments")
 
 
-def chat_prompt_ids(tokenizer: Any, req: ChatCompletionRequest) -> list[int]:
-    """The prompt in the model's chat format; tools are shown unless tool_choice is "none"."""
+def _tool_instructions(tools: list[dict[str, Any]], syntax: ToolSyntax) -> str:
+    """A system-prompt paragraph offering `tools`, for chat templates that ignore them."""
+    listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    example = (f'{syntax.begin}{{"name": <function name>, "{syntax.arguments_key}": '
+               f'<JSON object of arguments>}}{syntax.end}')
+    return (f"You may call functions to answer. Available functions:\n<tools>\n{listing}\n"
+            f"</tools>\nTo call one, reply with only:\n{example}")
+
+
+def _written_calls(calls: list[dict[str, Any]], syntax: ToolSyntax) -> str:
+    out = []
+    for c in calls:
+        args = c["function"]["arguments"]
+        args = json.loads(args) if isinstance(args, str) and args.strip() else args or {}
+        body = json.dumps({"name": c["function"]["name"], syntax.arguments_key: args},
+                          ensure_ascii=False)
+        out.append(f"{syntax.begin}{body}{syntax.end}")
+    return "\n".join(out)
+
+
+def chat_prompt_ids(fmt: Any, req: ChatCompletionRequest) -> list[int]:
+    """The prompt in the model's chat format; tools are shown unless tool_choice is "none".
+
+    A chat template that ignores tools (it renders the same with and without them) gets them
+    described in the system message, and earlier calls written out in the model's call syntax.
+    """
     messages = []
     for m in req.messages:
         d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
@@ -58,10 +81,27 @@ def chat_prompt_ids(tokenizer: Any, req: ChatCompletionRequest) -> list[int]:
     if req.tools and req.effective_tool_choice() != "none":
         tools = [t.model_dump(exclude_none=True) for t in req.tools]
     try:
-        return chat_format(tokenizer).encode_dialog(messages, tools=tools,
-                                                    add_generation_prompt=True)
-    except ValueError as e:  # ChatFormatError, TokenizerError, template errors
+        if tools and fmt.render(messages, tools=tools) == fmt.render(messages):
+            messages = _describe_tools(messages, tools, tool_syntax(fmt))
+            tools = None
+        return fmt.encode_dialog(messages, tools=tools, add_generation_prompt=True)
+    except ValueError as e:  # ChatFormatError, TokenizerError, bad tool-call JSON
         raise APIError(f"messages: {e}", param="messages") from e
+
+
+def _describe_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                    syntax: ToolSyntax) -> list[dict[str, Any]]:
+    out = [dict(m) for m in messages]
+    for m in out:
+        if m.get("tool_calls"):
+            written = _written_calls(m.pop("tool_calls"), syntax)
+            m["content"] = f"{m['content']}\n{written}" if m["content"] else written
+    note = _tool_instructions(tools, syntax)
+    if out[0]["role"] == "system":
+        out[0]["content"] = f"{out[0]['content']}\n\n{note}"
+    else:
+        out.insert(0, {"role": "system", "content": note})
+    return out
 
 
 def completion_prompt_ids(tokenizer: Any, prompt: str | list[int], vocab: int) -> list[int]:

@@ -25,6 +25,7 @@ class ServerState:
     guidance: Guidance
     metrics: Metrics
     token_text: TokenText
+    chat: Any  # the tokenizer's ChatFormat
     created: int = 0
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
