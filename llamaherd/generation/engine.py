@@ -22,8 +22,8 @@ class ContextWindowError(ValueError):
 
 
 def cache_dtype(model: Transformer) -> torch.dtype:
-    w = model.tok_embeddings.weight
-    return w.dtype if w.dtype.is_floating_point else torch.float32
+    """The activation dtype, read off the final norm (weights may be packed quantized blocks)."""
+    return model.norm.weight.dtype
 
 
 class Engine:
