@@ -30,12 +30,16 @@ class EngineFailure(Exception):
     """The engine raised while this request was running; it was cancelled."""
 
 
+class JobCancelled(Exception):
+    """The last item of a cancelled job's event queue, so nothing waits on it forever."""
+
+
 @dataclass
 class Job:
     """One request: a prompt and one SamplingParams per choice (or one with n for a shared prefill).
 
     Its events arrive on `events` (an asyncio.Queue) in the caller's event loop: Event objects, or
-    an EngineFailure/ValueError instance if the request could not run.
+    an EngineFailure/ValueError instance if the request could not run, or JobCancelled.
     """
 
     prompt_ids: list[int]
@@ -101,6 +105,7 @@ class Scheduler:
             if job in self._waiting:
                 self._waiting.remove(job)
                 job.done = True
+                job.events.put_nowait(JobCancelled())
                 return
             self._cancelled.append(job)
             self._cv.notify()

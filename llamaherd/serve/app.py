@@ -46,23 +46,22 @@ class BodyLimit:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            await self._too_large(send)
-            return
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                await self._too_large(send)
-                return
+            size += len(message.get("body", b""))
+            if size <= self.limit:
+                chunks.append(message.get("body", b""))
+            elif size > 16 * self.limit:  # stop reading; the connection is closed
+                break
             if not message.get("more_body", False):
                 break
+        if size > self.limit:  # read (and dropped) to the end, so the client sees the answer
+            await self._too_large(send)
+            return
         replayed = False
 
         async def replay() -> Message:

@@ -29,7 +29,7 @@ from llamaherd.serve.prompting import (
     tool_syntax,
 )
 from llamaherd.serve.schemas import ChatCompletionRequest
-from llamaherd.serve.state import ServerState, next_event, watch_disconnect
+from llamaherd.serve.state import ServerState, ends_on_stop_token, next_event, watch_disconnect
 
 
 @dataclass
@@ -90,7 +90,7 @@ class ChatRun:
 
     def _record(self, event: Event) -> Choice:
         c = self._choice(event)
-        if event.logprob is not None:
+        if event.logprob is not None and not ends_on_stop_token(event):
             c.logprobs.append(event.logprob)
         if event.finish_reason is not None:
             c.finish_reason = event.finish_reason
@@ -135,6 +135,7 @@ class ChatRun:
                 c = self._record(event)
                 c.text.append(event.text)
                 pending -= event.finish_reason is not None
+            self.job.done = True
         finally:
             watcher.cancel()
             self.state.scheduler.cancel(self.job)
@@ -176,6 +177,7 @@ class ChatRun:
                 for chunk in self._deltas(out, c, event):
                     yield chunk
                 pending -= event.finish_reason is not None
+            self.job.done = True
             self._finished()
             if out.include_usage:
                 yield out.usage_chunk(*self._usage())
@@ -186,7 +188,7 @@ class ChatRun:
     def _deltas(self, out: ChatChunks, c: Choice, event: Event) -> list[bytes]:
         chunks: list[bytes] = []
         lp = None
-        if event.logprob is not None:
+        if event.logprob is not None and not ends_on_stop_token(event):
             lp = chat_logprob_entries(self.state.token_text, [event.logprob])
         text = event.text
         c.text.append(text)

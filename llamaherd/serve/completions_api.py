@@ -22,7 +22,7 @@ from llamaherd.serve.openai_format import (
 )
 from llamaherd.serve.prompting import completion_prompt_ids, output_budget, sampling_params
 from llamaherd.serve.schemas import CompletionRequest
-from llamaherd.serve.state import ServerState, next_event, watch_disconnect
+from llamaherd.serve.state import ServerState, ends_on_stop_token, next_event, watch_disconnect
 
 
 class CompletionRun:
@@ -79,7 +79,7 @@ class CompletionRun:
     async def _next(self) -> tuple[int, Event]:
         event = await next_event(self.jobs[0])  # every job shares the one queue
         i = self._index_of(event)
-        if event.logprob is not None:
+        if event.logprob is not None and not ends_on_stop_token(event):
             self.logprobs.setdefault(i, []).append(event.logprob)
         self.text.setdefault(i, []).append(event.text)
         if event.finish_reason is not None:
@@ -101,6 +101,8 @@ class CompletionRun:
         try:
             while len(self.finished) < self.total:
                 await self._next()
+            for job in self.jobs:
+                job.done = True
         finally:
             watcher.cancel()
             self._cancel()
@@ -128,7 +130,7 @@ class CompletionRun:
                     yield sse(e.body())
                     return
                 lp = None
-                if event.logprob is not None:
+                if event.logprob is not None and not ends_on_stop_token(event):
                     lp = completion_logprobs(self.state.token_text, [event.logprob],
                                              offsets.get(i, 0))
                 offsets[i] = offsets.get(i, 0) + len(event.text)
@@ -141,6 +143,8 @@ class CompletionRun:
                 if self.req.include_usage():
                     obj["usage"] = None
                 yield sse(obj)
+            for job in self.jobs:
+                job.done = True
             self._done()
             if self.req.include_usage():
                 obj = text_completion(self.req.model, [], 0, 0, self.id, self.created,

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import Request
 
 from llamaherd.engine.guidance import Guidance
-from llamaherd.engine.scheduler import Job, QueueFull, Scheduler
+from llamaherd.engine.scheduler import Job, JobCancelled, QueueFull, Scheduler
 from llamaherd.generation.sequence import Event
 from llamaherd.serve.errors import APIError, QueueFullError
 from llamaherd.serve.metrics import Metrics
@@ -53,11 +53,18 @@ class ServerState:
         return job
 
 
+def ends_on_stop_token(event: Event) -> bool:
+    """Whether the event is a stop token, which (as in OpenAI's API) gets no logprob entry."""
+    return event.finish_reason == "stop" and isinstance(event.seq.stop_reason, int)
+
+
 async def next_event(job: Job) -> Event:
     """The job's next engine event; an engine-side failure becomes an APIError."""
     item = await job.events.get()
     if isinstance(item, Exception):
         job.done = True
+        if isinstance(item, JobCancelled):
+            raise APIError("the client closed the request", 499, code="client_closed_request")
         if isinstance(item, ValueError):
             raise APIError(str(item))
         raise APIError(f"generation failed: {item}", 500, type="server_error")
