@@ -140,5 +140,5 @@ def load(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None) ->
 
     path = resolve_path(name_or_path)
     ckpt = load_checkpoint(path, dtype=_parse_dtype(dtype))
-    tokenizer = tok.load(ckpt.path, metadata=ckpt.metadata if ckpt.format == "gguf" else None)
+    tokenizer = tok.load(ckpt.path)
     return LLM(ckpt, tokenizer)
