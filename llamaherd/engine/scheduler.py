@@ -123,6 +123,9 @@ class Scheduler:
                 admitted = self._admit()
             for job in cancelled:
                 self._drop(job)
+                self._post([(job, JobCancelled())])
+            if cancelled and self.on_step is not None:
+                self.on_step(len(self._owner), len(self._waiting), 0)
             for job in admitted:
                 self._add(job)
             if self.engine.idle:
