@@ -180,7 +180,10 @@ def test_load_registered_name(smollm_path: Path) -> None:
 def test_load_with_open_gguf_reader() -> None:
     import gguf
 
+    from llamaherd.tokenizer.gguf_meta import metadata_from_reader, read_metadata
+
     reader = gguf.GGUFReader(LLAMA2_GGUF)
+    assert metadata_from_reader(reader, "tokenizer.") == read_metadata(LLAMA2_GGUF, "tokenizer.")
     tok = load(LLAMA2_GGUF, reader=reader)
     assert tok.encode("Hello world") == [15043, 3186]
     assert tok.add_bos and tok.unk_id == 0

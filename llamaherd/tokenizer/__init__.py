@@ -9,8 +9,18 @@ from .base import StreamDecoder, Tokenizer, TokenizerError
 from .chat import ChatFormat, ChatFormatError, Message, ParsedMessage, Tool, ToolCall
 
 __all__ = [
-    "ChatFormat", "ChatFormatError", "Message", "ParsedMessage", "StreamDecoder", "Tool",
-    "ToolCall", "Tokenizer", "TokenizerError", "chat_format", "load", "resolve_path",
+    "ChatFormat",
+    "ChatFormatError",
+    "Message",
+    "ParsedMessage",
+    "StreamDecoder",
+    "Tokenizer",
+    "TokenizerError",
+    "Tool",
+    "ToolCall",
+    "chat_format",
+    "load",
+    "resolve_path",
 ]
 
 # A plain ChatML template for vocabularies with <|im_start|> but no template of their own.

@@ -80,8 +80,8 @@ class Tokenizer:
         `allow_special` is set; otherwise they are encoded as the plain text they are."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode() needs a str, got {type(text).__name__}")
-        ids = self._encode_trusted([(text, allow_special)])
-        return self._wrap(ids, bos, eos)
+        ids = self._encode_trusted([(text, True)]) if allow_special else self.encode_ordinary(text)
+        return self._wrap(ids, bos, eos) if bos or eos else ids
 
     def encode_segments(self, segments: Sequence[tuple[str, bool]], bos: bool = False,
                         eos: bool = False) -> list[int]:

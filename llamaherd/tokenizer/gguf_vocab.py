@@ -56,10 +56,10 @@ def from_metadata(meta: dict[str, Any], source: str = "") -> Tokenizer:
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     ids = {name: meta.get(f"tokenizer.ggml.{name}_token_id")
            for name in ("bos", "eos", "unknown", "padding", "eot", "eom")}
-    common = dict(
-        add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-        chat_template=meta.get("tokenizer.chat_template"), source=source,
-    )
+    common = {
+        "add_eos": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "chat_template": meta.get("tokenizer.chat_template"), "source": source,
+    }
     if kind == "llama":
         return _sentencepiece(meta, tokens, types, ids, common)
     if kind == "gpt2":

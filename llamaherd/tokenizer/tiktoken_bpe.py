@@ -80,13 +80,14 @@ class TiktokenTokenizer(Tokenizer):
 
     def encode(self, text: str, bos: bool = False, eos: bool = False,
                allow_special: bool = False) -> list[int]:
-        if not isinstance(text, str):
-            raise TokenizerError(f"encode() needs a str, got {type(text).__name__}")
-        if allow_special:  # tiktoken splits out special tokens natively
-            ids = self._enc.encode(text, allowed_special="all", disallowed_special=())
-        else:
-            ids = self._enc.encode_ordinary(text)
-        return self._wrap(ids, bos, eos)
+        try:
+            if allow_special:  # tiktoken splits out special tokens natively
+                ids = self._enc.encode(text, allowed_special="all", disallowed_special=())
+            else:
+                ids = self._enc.encode_ordinary(text)
+        except TypeError as e:
+            raise TokenizerError(f"encode() needs a str, got {type(text).__name__}") from e
+        return self._wrap(ids, bos, eos) if bos or eos else ids
 
     def _build_pieces(self) -> tuple[list[str], list[bytes]]:
         data = [b""] * self.vocab_size
