@@ -71,8 +71,11 @@ def test_packed_weights_dequantize_exactly(qtype, shape):
     in_f, out_f = shape
     data = random_weights(qtype, out_f, in_f)
     layer = GGUFLinear(data, qtype, in_f, out_f)
-    assert layer.packed and layer.data.shape == data.shape  # repacking keeps the size
+    padded = (out_f + 15) // 16 * 16  # repacking keeps the size, up to 16-row panels
+    assert layer.packed and layer.data.shape == (padded, data.shape[1])
     assert torch.equal(layer.dequantize(), reference(data, qtype))
+    ops = kernels.load()
+    assert np.array_equal(ops.unpack(layer.data, int(qtype), out_f).numpy(), data)
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)

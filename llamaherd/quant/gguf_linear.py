@@ -1,7 +1,8 @@
 """GGUFLinear and GGUFEmbedding: layers whose GGUF-quantized weights stay packed in memory.
 
 With the C++ kernels (`llamaherd.quant.kernels`), Q4_0, Q4_1 and Q8_0 weights are repacked once
-into a SIMD-friendly row layout of the same size and multiplied with 8-bit integer dot products.
+into panels of 16 interleaved rows (same size, plus padding to a multiple of 16 rows) and
+multiplied with 8-bit integer dot products.
 Other types, or a machine without the kernels, dequantize the layer in torch on every call.
 """
 
@@ -36,7 +37,7 @@ class _KernelMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: GGUFLinear) -> torch.Tensor:
         ctx.layer = layer
-        return kernels.load().matmul(x, layer.data, layer.qtype_id)
+        return kernels.load().matmul(x, layer.data, layer.qtype_id, layer.out_features)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -47,7 +48,7 @@ class GGUFLinear(nn.Module):
     """A bias-free linear layer over GGUF rows: data is uint8 [out_features, bytes_per_row].
 
     kernels: None uses the C++ kernels where they exist for the type, False never, True requires
-    them. The weight is kept as the buffer `data` (packed rows, or the GGUF rows as given).
+    them. The weight is kept as the buffer `data`: packed panels, or the GGUF rows as given.
     """
 
     def __init__(self, data: torch.Tensor | np.ndarray, qtype: int | GGMLQuantizationType,
@@ -85,9 +86,16 @@ class GGUFLinear(nn.Module):
                                                                   first.packed):
                 raise ValueError("GGUFLinear.concat needs layers of one qtype, in_features and "
                                  "layout")
+        datas = [layer.data for layer in layers]
+        if first.packed and any(layer.out_features % 16 for layer in layers[:-1]):
+            # padded 16-row panels inside the result: back to GGUF rows and pack them again
+            ops = kernels.load()
+            datas = [ops.repack(torch.cat([ops.unpack(layer.data, layer.qtype_id,
+                                                      layer.out_features) for layer in layers]),
+                                first.qtype_id)]
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
-        fused._setup(torch.cat([layer.data for layer in layers]), first.qtype, first.in_features,
+        fused._setup(torch.cat(datas), first.qtype, first.in_features,
                      sum(layer.out_features for layer in layers), first.packed)
         return fused
 
@@ -99,21 +107,21 @@ class GGUFLinear(nn.Module):
         elif x.requires_grad and torch.is_grad_enabled():
             y = _KernelMatmul.apply(x2, self)
         else:
-            y = kernels.load().matmul(x2, self.data, self.qtype_id)
+            y = kernels.load().matmul(x2, self.data, self.qtype_id, self.out_features)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The weight as float32 [out_features, in_features]."""
-        return self._dequantize_rows(self.data)
+        if self.packed:
+            return self.dequantize_rows(torch.arange(self.out_features))
+        return dequantize(self.data, self.qtype)
 
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows `rows` (int64 [n]) of the weight as float32 [n, in_features]."""
-        return self._dequantize_rows(self.data.index_select(0, rows))
-
-    def _dequantize_rows(self, data: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            return kernels.load().dequantize(data, self.qtype_id)
-        return dequantize(data, self.qtype)
+            return kernels.load().dequantize_rows(self.data, self.qtype_id, rows,
+                                                  self.out_features)
+        return dequantize(self.data.index_select(0, rows), self.qtype)
 
     def extra_repr(self) -> str:
         path = "kernels" if self.packed else "dequantize"

@@ -1,17 +1,20 @@
 // Integer-dot matmul kernels for GGUF Q4_0, Q4_1 and Q8_0 weights (AVX512-VNNI, portable fallback).
 //
-// A weight tensor is repacked once into rows that SIMD loads directly (same size as GGUF):
-//   [ quants: nb*QB bytes | scales d: nb f16 | mins m: nb f16 (Q4_1 only) ]
-// Q4 quants keep GGUF's nibble bytes (low nibble = element i, high nibble = element i+16 of a
-// block), so 64 bytes hold 4 blocks whose low nibbles are elements 0..15 and high nibbles 16..31.
-// Q8 quants and the quantized activations use the matching "grouped" order: per group of 4
-// blocks, the first halves (elements 0..15) of the 4 blocks, then their second halves. Q8 weights
-// are stored xor 0x80 (offset binary) so that every weight is an unsigned byte for vpdpbusd.
+// Weights are repacked once into panels of 16 rows (the last panel padded with zero rows); the
+// packed tensor is uint8 [rows rounded up to 16, GGUF bytes per row], the same size as GGUF. For
+// each block (32 weights) of a panel, 16*block_bytes bytes hold:
+//   d: 16 f16 (one per row) | m: 16 f16 (Q4_1 only) | quants: 64-byte vectors j = 0, 1, ...
+// where vector j holds, for each row l, 4 quant bytes of that row at bytes 4l..4l+3. Quant byte i
+// of a GGUF block goes to vector i/4, so:
+//   Q4: vector j's low nibbles are elements 4j..4j+3, its high nibbles elements 16+4j..16+4j+3;
+//   Q8: vector j holds elements 4j..4j+3, stored xor 0x80 (offset binary: u = q + 128).
+// One vpdpbusd of such a vector with 4 activation bytes broadcast to all lanes adds 4 products to
+// each of the panel's 16 rows, so a block's dot product for 16 rows takes 8 vpdpbusd and its
+// result needs no horizontal reduction.
 //
-// Every type is then w = d*u + m with an unsigned quant u, where m is the stored min (Q4_1),
-// -8d (Q4_0) or -128d (Q8_0). With activations a = da*qa (8-bit, blocks of 32):
+// Every type is w = d*u + m with an unsigned quant u, where m is the stored min (Q4_1), -8d (Q4_0)
+// or -128d (Q8_0). With activations a = da*qa (8-bit, blocks of 32):
 //   sum_i w_i a_i = d*da * sum_i u_i qa_i  +  m * (da * sum_i qa_i)     (per block)
-// The first term is the integer dot product; the second uses the per-block activation sums.
 
 #include <torch/extension.h>
 
@@ -19,31 +22,31 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <cstdint>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
-    defined(__AVX512DQ__) && defined(__AVX512VNNI__) && defined(__F16C__)
+    defined(__AVX512VNNI__) && defined(__F16C__)
 #include <immintrin.h>
 #define LH_AVX512 1
 #endif
 
 namespace {
 
-constexpr int64_t QK = 32;    // weights per block
-constexpr int64_t GROUP = 4;  // blocks per SIMD group (128 weights)
-constexpr int64_t HALF = 16;  // bytes of one half block in grouped order
+constexpr int64_t QK = 32;     // weights per block
+constexpr int64_t PANEL = 16;  // rows per panel: one per int32 lane of a 512-bit vector
 
 enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
 
 struct Format {
-  int64_t quant_bytes;  // packed quant bytes per block
-  int64_t block_bytes;  // bytes per block, GGUF and packed alike
+  int64_t quant_bytes;  // quant bytes per block and row
+  int64_t block_bytes;  // bytes per block and row, GGUF and packed alike
   bool has_min;
   float min_coef;       // m = min_coef * d when the block stores no min
+  int64_t scale_bytes() const { return PANEL * (has_min ? 4 : 2); }  // per block of a panel
 };
 
 template <int64_t QT>
@@ -62,77 +65,6 @@ Format format_of(int64_t qtype) {
   TORCH_CHECK(false, "GGUF kernels support Q4_0, Q4_1 and Q8_0, not ggml type ", qtype);
 }
 
-inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
-
-// Byte offset of block b's first half in a grouped row of nb blocks; its second half follows
-// after grouped_gap(b, nb) bytes (16 * the number of blocks in b's group).
-inline int64_t grouped_offset(int64_t b) { return (b / GROUP) * GROUP * QK + (b % GROUP) * HALF; }
-inline int64_t grouped_gap(int64_t b, int64_t nb) {
-  return HALF * std::min(GROUP, nb - b / GROUP * GROUP);
-}
-
-int64_t blocks_per_row(const torch::Tensor& w, const Format& f) {
-  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "packed weights must be uint8 [rows, bytes]");
-  TORCH_CHECK(w.size(1) % f.block_bytes == 0, "row of ", w.size(1), " bytes is not whole blocks of ",
-              f.block_bytes);
-  return w.size(1) / f.block_bytes;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Repacking and dequantization
-
-template <int64_t QT>
-void repack_row(const uint8_t* src, uint8_t* dst, int64_t nb) {
-  constexpr Format f = format_for<QT>();
-  uint8_t* quants = dst;
-  uint8_t* scales = dst + nb * f.quant_bytes;
-  uint8_t* mins = scales + 2 * nb;
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* block = src + b * f.block_bytes;
-    std::memcpy(scales + 2 * b, block, 2);
-    if constexpr (QT == Q4_1) {
-      std::memcpy(mins + 2 * b, block + 2, 2);
-      std::memcpy(quants + HALF * b, block + 4, HALF);
-    } else if constexpr (QT == Q4_0) {
-      std::memcpy(quants + HALF * b, block + 2, HALF);
-    } else {
-      uint8_t* lo = quants + grouped_offset(b);
-      uint8_t* hi = lo + grouped_gap(b, nb);
-      for (int64_t i = 0; i < HALF; ++i) {
-        lo[i] = block[2 + i] ^ 0x80;
-        hi[i] = block[2 + HALF + i] ^ 0x80;
-      }
-    }
-  }
-}
-
-template <int64_t QT>
-void dequantize_row(const uint8_t* row, float* out, int64_t nb) {
-  constexpr Format f = format_for<QT>();
-  const uint8_t* quants = row;
-  const uint16_t* scales = reinterpret_cast<const uint16_t*>(row + nb * f.quant_bytes);
-  const uint16_t* mins = scales + nb;
-  for (int64_t b = 0; b < nb; ++b) {
-    const float d = half_to_float(scales[b]);
-    const float m = f.has_min ? half_to_float(mins[b]) : f.min_coef * d;
-    float* o = out + b * QK;
-    if constexpr (QT == Q8_0) {
-      const uint8_t* lo = quants + grouped_offset(b);
-      const uint8_t* hi = lo + grouped_gap(b, nb);
-      for (int64_t i = 0; i < HALF; ++i) {
-        o[i] = d * lo[i] + m;
-        o[HALF + i] = d * hi[i] + m;
-      }
-    } else {
-      const uint8_t* q = quants + HALF * b;
-      for (int64_t i = 0; i < HALF; ++i) {
-        o[i] = d * (q[i] & 0x0F) + m;
-        o[HALF + i] = d * (q[i] >> 4) + m;
-      }
-    }
-  }
-}
-
 template <typename Fn>
 void dispatch(int64_t qtype, Fn&& fn) {
   switch (qtype) {
@@ -143,293 +75,345 @@ void dispatch(int64_t qtype, Fn&& fn) {
   format_of(qtype);  // raises the unsupported-type error
 }
 
+inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+
+int64_t blocks_per_row(const torch::Tensor& w, const Format& f) {
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "weights must be uint8 [rows, bytes]");
+  TORCH_CHECK(w.size(1) % f.block_bytes == 0, "a row of ", w.size(1),
+              " bytes is not whole blocks of ", f.block_bytes);
+  return w.size(1) / f.block_bytes;
+}
+
+// Where row `row`'s block `b` lives in a packed tensor of nb blocks per row.
+struct Slot {
+  uint8_t* block;  // the panel's block: scales, then quant vectors
+  int64_t lane;    // the row within its panel
+};
+
+inline Slot slot(uint8_t* packed, const Format& f, int64_t nb, int64_t row, int64_t b) {
+  const int64_t panel_bytes = PANEL * nb * f.block_bytes;
+  return {packed + (row / PANEL) * panel_bytes + b * PANEL * f.block_bytes, row % PANEL};
+}
+
+// Quant byte i of a GGUF block, for row `lane` of the panel.
+inline int64_t quant_offset(const Format& f, int64_t lane, int64_t i) {
+  return f.scale_bytes() + 64 * (i / 4) + 4 * lane + i % 4;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Repacking, unpacking and dequantization
+
+// GGUF block <-> panel slot; `to_panel` picks the direction.
+template <int64_t QT>
+void move_block(uint8_t* gguf_block, Slot s, bool to_panel) {
+  constexpr Format f = format_for<QT>();
+  constexpr int64_t quant_start = f.has_min ? 4 : 2;
+  auto copy = [&](uint8_t* panel_byte, uint8_t* gguf_byte, int64_t n, uint8_t flip) {
+    for (int64_t k = 0; k < n; ++k) {
+      if (to_panel) panel_byte[k] = gguf_byte[k] ^ flip;
+      else gguf_byte[k] = panel_byte[k] ^ flip;
+    }
+  };
+  copy(s.block + 2 * s.lane, gguf_block, 2, 0);
+  if constexpr (f.has_min) copy(s.block + 2 * PANEL + 2 * s.lane, gguf_block + 2, 2, 0);
+  for (int64_t i = 0; i < f.quant_bytes; i += 4)
+    copy(s.block + quant_offset(f, s.lane, i), gguf_block + quant_start + i, 4,
+         QT == Q8_0 ? 0x80 : 0);
+}
+
+// GGUF rows [n, bytes] -> packed [n rounded up to 16, bytes]
 torch::Tensor repack(torch::Tensor raw, int64_t qtype) {
   const Format f = format_of(qtype);
-  const int64_t nb = blocks_per_row(raw, f);
+  const int64_t nb = blocks_per_row(raw, f), rows = raw.size(0);
   raw = raw.contiguous();
-  auto out = torch::empty_like(raw);
-  const uint8_t* src = raw.data_ptr<uint8_t>();
+  const int64_t padded = (rows + PANEL - 1) / PANEL * PANEL;
+  auto out = padded == rows ? torch::empty_like(raw) : torch::zeros({padded, raw.size(1)}, raw.options());
+  uint8_t* src = raw.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  const int64_t row_bytes = raw.size(1);
   dispatch(qtype, [&](auto qt) {
-    at::parallel_for(0, raw.size(0), 1024, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
-        repack_row<decltype(qt)::value>(src + r * row_bytes, dst + r * row_bytes, nb);
+        for (int64_t b = 0; b < nb; ++b)
+          move_block<decltype(qt)::value>(src + r * raw.size(1) + b * f.block_bytes,
+                                          slot(dst, f, nb, r, b), true);
     });
   });
   return out;
 }
 
-torch::Tensor dequantize(torch::Tensor packed, int64_t qtype) {
+// packed -> GGUF rows [rows, bytes]: the exact inverse of repack
+torch::Tensor unpack(torch::Tensor packed, int64_t qtype, int64_t rows) {
   const Format f = format_of(qtype);
   const int64_t nb = blocks_per_row(packed, f);
-  packed = packed.contiguous();
-  auto out = torch::empty({packed.size(0), nb * QK}, torch::kFloat);
-  const uint8_t* src = packed.data_ptr<uint8_t>();
-  float* dst = out.data_ptr<float>();
-  const int64_t row_bytes = packed.size(1);
+  TORCH_CHECK(packed.is_contiguous() && rows <= packed.size(0), "bad packed weights");
+  auto out = torch::empty({rows, packed.size(1)}, packed.options());
+  uint8_t* src = packed.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
   dispatch(qtype, [&](auto qt) {
-    at::parallel_for(0, packed.size(0), 256, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
-        dequantize_row<decltype(qt)::value>(src + r * row_bytes, dst + r * nb * QK, nb);
+        for (int64_t b = 0; b < nb; ++b)
+          move_block<decltype(qt)::value>(dst + r * packed.size(1) + b * f.block_bytes,
+                                          slot(src, f, nb, r, b), false);
+    });
+  });
+  return out;
+}
+
+template <int64_t QT>
+void dequantize_row(uint8_t* packed, int64_t nb, int64_t row, float* out) {
+  constexpr Format f = format_for<QT>();
+  for (int64_t b = 0; b < nb; ++b) {
+    const Slot s = slot(packed, f, nb, row, b);
+    uint16_t bits;
+    std::memcpy(&bits, s.block + 2 * s.lane, 2);
+    const float d = half_to_float(bits);
+    float m = f.min_coef * d;
+    if constexpr (f.has_min) {
+      std::memcpy(&bits, s.block + 2 * PANEL + 2 * s.lane, 2);
+      m = half_to_float(bits);
+    }
+    float* o = out + b * QK;
+    for (int64_t i = 0; i < f.quant_bytes; ++i) {
+      const uint8_t u = s.block[quant_offset(f, s.lane, i)];
+      if constexpr (QT == Q8_0) {
+        o[i] = d * u + m;
+      } else {
+        o[i] = d * (u & 0x0F) + m;
+        o[i + 16] = d * (u >> 4) + m;
+      }
+    }
+  }
+}
+
+// Rows `ids` (int64) of packed weights holding `rows` rows -> float32 [len(ids), K]
+torch::Tensor dequantize_rows(torch::Tensor packed, int64_t qtype, torch::Tensor ids, int64_t rows) {
+  const Format f = format_of(qtype);
+  const int64_t nb = blocks_per_row(packed, f);
+  TORCH_CHECK(packed.is_contiguous() && rows <= packed.size(0), "bad packed weights");
+  ids = ids.to(torch::kLong).contiguous();
+  const int64_t n = ids.numel();
+  const int64_t* idx = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK_INDEX(idx[i] >= 0 && idx[i] < rows, "row ", idx[i], " is out of range for ", rows,
+                      " rows");
+  auto out = torch::empty({n, nb * QK}, torch::kFloat);
+  uint8_t* src = packed.data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  dispatch(qtype, [&](auto qt) {
+    at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        dequantize_row<decltype(qt)::value>(src, nb, idx[i], dst + i * nb * QK);
     });
   });
   return out;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Activation quantization: rows of floats -> 8-bit blocks of 32 in grouped order
+// Activation quantization: rows of floats -> 8-bit blocks of 32, natural order
 
 struct Activations {
-  int64_t rows = 0, nb = 0, ng = 0;
-  std::vector<int8_t> quants;  // [rows, nb*32] grouped order
-  std::vector<float> lanes;    // [rows, ng*16] block scale da repeated for the 4 int32 lanes of a block
-  std::vector<float> sums;     // [rows, nb] da * sum(qa)
+  int64_t rows = 0, nb = 0;
+  std::vector<int8_t> quants;  // [rows, nb*32]
+  std::vector<float> scales;   // [rows, nb] da
+  std::vector<float> terms;    // [rows, nb] coef * da * sum(qa): the min term's activation factor
 
   const int8_t* q(int64_t r) const { return quants.data() + r * nb * QK; }
-  const float* lane_scales(int64_t r) const { return lanes.data() + r * ng * 16; }
-  const float* s(int64_t r) const { return sums.data() + r * nb; }
+  const float* d(int64_t r) const { return scales.data() + r * nb; }
+  const float* t(int64_t r) const { return terms.data() + r * nb; }
 };
 
-void quantize_row(const float* x, int64_t nb, int8_t* q, float* lanes, float* sums) {
-  const int64_t ng = (nb + GROUP - 1) / GROUP;
-  std::fill(lanes, lanes + ng * 16, 0.f);
+// coef is the weight type's min_coef (Q4_0, Q8_0: m = coef*d) or 1 for a stored min (Q4_1).
+void quantize_row(const float* x, int64_t nb, float coef, int8_t* q, float* scales, float* terms) {
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * QK;
-    int8_t* lo = q + grouped_offset(b);
-    int8_t* hi = lo + grouped_gap(b, nb);
+    int8_t* qb = q + b * QK;
     int32_t total = 0;
-    float d;
+    float amax;
 #ifdef LH_AVX512
     const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-    d = amax / 127.f;
+    amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
     const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
     const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));
     const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), _mm512_cvtsepi32_epi8(i0));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(hi), _mm512_cvtsepi32_epi8(i1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qb), _mm512_cvtsepi32_epi8(i0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 16), _mm512_cvtsepi32_epi8(i1));
     total = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
 #else
-    float amax = 0.f;
+    amax = 0.f;
     for (int64_t i = 0; i < QK; ++i) amax = std::max(amax, std::abs(xb[i]));
-    d = amax / 127.f;
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     for (int64_t i = 0; i < QK; ++i) {
       const int32_t v = std::clamp(static_cast<int32_t>(std::nearbyint(xb[i] * inv)), -127, 127);
-      (i < HALF ? lo[i] : hi[i - HALF]) = static_cast<int8_t>(v);
+      qb[i] = static_cast<int8_t>(v);
       total += v;
     }
 #endif
-    sums[b] = d * static_cast<float>(total);
-    std::fill(lanes + b * 4, lanes + b * 4 + 4, d);  // group g lanes start at g*16 = 4*(4g)
+    scales[b] = amax / 127.f;
+    terms[b] = coef * scales[b] * static_cast<float>(total);
   }
 }
 
-void quantize_activations(const float* x, int64_t rows, int64_t nb, Activations& a) {
+void quantize_activations(const float* x, int64_t rows, int64_t nb, float coef, Activations& a) {
   a.rows = rows;
   a.nb = nb;
-  a.ng = (nb + GROUP - 1) / GROUP;
   a.quants.resize(rows * nb * QK);
-  a.lanes.resize(rows * a.ng * 16);
-  a.sums.resize(rows * nb);
+  a.scales.resize(rows * nb);
+  a.terms.resize(rows * nb);
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
-      quantize_row(x + r * nb * QK, nb, a.quants.data() + r * nb * QK,
-                   a.lanes.data() + r * a.ng * 16, a.sums.data() + r * nb);
+      quantize_row(x + r * nb * QK, nb, coef, a.quants.data() + r * nb * QK,
+                   a.scales.data() + r * nb, a.terms.data() + r * nb);
   });
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tiles: R activation rows x C weight rows, each output a full dot product over K
+// Tiles: R activation rows x one panel (16 weight rows)
 
 #ifdef LH_AVX512
 
-// [a b c d] -> [a a a a b b b b c c c c d d d d]: one block's scale for each of its 4 int32 lanes.
-inline __m512 repeat4(__m128 v) {
-  const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
-}
-
-// The four horizontal sums of a, b, c, d.
-inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
-  const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
-                                    _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
-template <int64_t QT, int R, int C>
-void tile(const Activations& a, int64_t r0, const uint8_t* w, int64_t row_bytes, int64_t c0,
-          float* out, int64_t ldo) {
+template <int64_t QT, int R>
+void tile(const Activations& a, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
+          int64_t cols) {
   constexpr Format f = format_for<QT>();
-  const int64_t nb = a.nb, quant_bytes = nb * f.quant_bytes;
+  constexpr int NV = 8;  // quant vectors per block after unpacking: vector j = elements 4j..4j+3
+  const int64_t nb = a.nb;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  __m512 acc[R][C];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-
-  for (int64_t g = 0; g < a.ng; ++g) {
-    const int64_t count = std::min(GROUP, nb - g * GROUP);
-    const __mmask64 qmask = count == GROUP ? ~0ULL : (1ULL << (HALF * count)) - 1;
-    const __mmask8 smask = static_cast<__mmask8>((1u << count) - 1);
-    const int64_t gap = HALF * count;
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) {
-      const uint8_t* row = w + (c0 + c) * row_bytes;
-      __m512i lo, hi;
-      if constexpr (QT == Q8_0) {
-        lo = _mm512_maskz_loadu_epi8(qmask, row + g * GROUP * QK);
-        hi = _mm512_maskz_loadu_epi8(qmask, row + g * GROUP * QK + gap);
-      } else {
-        const __m512i packed = _mm512_maskz_loadu_epi8(qmask, row + g * GROUP * HALF);
-        lo = _mm512_and_si512(packed, low4);
-        hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
-      }
-      const __m512 dw = repeat4(_mm_cvtph_ps(
-          _mm_maskz_loadu_epi16(smask, row + quant_bytes + g * GROUP * 2)));
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const int8_t* aq = a.q(r0 + r) + g * GROUP * QK;
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
-                                          _mm512_maskz_loadu_epi8(qmask, aq));
-        dot = _mm512_dpbusd_epi32(dot, hi, _mm512_maskz_loadu_epi8(qmask, aq + gap));
-        const __m512 scale = _mm512_mul_ps(dw, _mm512_loadu_ps(a.lane_scales(r0 + r) + g * 16));
-        acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r][c]);
-      }
-    }
-  }
-
-  // The min term: sum over blocks of m * da * sum(qa), 16 blocks per step.
-#pragma GCC unroll 8
-  for (int c = 0; c < C; ++c) {
-    const uint8_t* row = w + (c0 + c) * row_bytes;
-    const uint8_t* m = row + quant_bytes + (f.has_min ? 2 * nb : 0);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const float* s = a.s(r0 + r);
-      __m512 term = _mm512_setzero_ps();
-      for (int64_t b = 0; b < nb; b += 16) {
-        const __mmask16 mask = nb - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nb - b)) - 1);
-        const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, m + 2 * b));
-        term = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(mask, s + b), term);
-      }
-      acc[r][c] = _mm512_fmadd_ps(term, _mm512_set1_ps(f.min_coef), acc[r][c]);
-    }
-  }
-
-#pragma GCC unroll 8
+  const int32_t* aq[R];
+  const float* da[R];
+  const float* terms[R];
+  __m512 acc[R];
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
-    float* o = out + (r0 + r) * ldo + c0;
-    if constexpr (C == 4) {
-      _mm_storeu_ps(o, hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
-    } else {
+    aq[r] = reinterpret_cast<const int32_t*>(a.q(r0 + r));
+    da[r] = a.d(r0 + r);
+    terms[r] = a.t(r0 + r);
+    acc[r] = _mm512_setzero_ps();
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* block = panel + b * PANEL * f.block_bytes;
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block)));
+    __m512 mw;
+    if constexpr (f.has_min)
+      mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32)));
+    const uint8_t* quants = block + f.scale_bytes();
+    __m512i w[NV];
+    if constexpr (QT == Q8_0) {
 #pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) o[c] = _mm512_reduce_add_ps(acc[r][c]);
+      for (int j = 0; j < NV; ++j) w[j] = _mm512_loadu_si512(quants + 64 * j);
+    } else {
+#pragma GCC unroll 4
+      for (int j = 0; j < NV / 2; ++j) {
+        const __m512i v = _mm512_loadu_si512(quants + 64 * j);
+        w[j] = _mm512_and_si512(v, low4);
+        w[j + NV / 2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const int32_t* x = aq[r] + b * (QK / 4);
+      __m512i dot = _mm512_setzero_si512();
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) dot = _mm512_dpbusd_epi32(dot, w[j], _mm512_set1_epi32(x[j]));
+      const __m512 sum = _mm512_cvtepi32_ps(dot);
+      if constexpr (f.has_min) {  // acc += dw*da*dot + m*(da*sum(qa))
+        acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(terms[r][b]), acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(sum, _mm512_set1_ps(da[r][b])), dw, acc[r]);
+      } else {  // acc += dw*(da*dot + coef*da*sum(qa))
+        const __m512 t = _mm512_fmadd_ps(sum, _mm512_set1_ps(da[r][b]), _mm512_set1_ps(terms[r][b]));
+        acc[r] = _mm512_fmadd_ps(t, dw, acc[r]);
+      }
     }
   }
+  const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + (r0 + r) * ldo, mask, acc[r]);
 }
 
 #else  // portable scalar tile
 
-template <int64_t QT, int R, int C>
-void tile(const Activations& a, int64_t r0, const uint8_t* w, int64_t row_bytes, int64_t c0,
-          float* out, int64_t ldo) {
+template <int64_t QT, int R>
+void tile(const Activations& a, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
+          int64_t cols) {
   constexpr Format f = format_for<QT>();
-  const int64_t nb = a.nb, quant_bytes = nb * f.quant_bytes;
-  for (int c = 0; c < C; ++c) {
-    const uint8_t* row = w + (c0 + c) * row_bytes;
-    const uint16_t* scales = reinterpret_cast<const uint16_t*>(row + quant_bytes);
-    const uint16_t* mins = scales + nb;
+  for (int64_t l = 0; l < cols; ++l) {
     for (int r = 0; r < R; ++r) {
-      const int8_t* aq = a.q(r0 + r);
-      const float* lanes = a.lane_scales(r0 + r);
-      const float* s = a.s(r0 + r);
+      const int8_t* x = a.q(r0 + r);
       float total = 0.f;
-      for (int64_t b = 0; b < nb; ++b) {
-        const int8_t* alo = aq + grouped_offset(b);
-        const int8_t* ahi = alo + grouped_gap(b, nb);
-        int32_t dot = 0;
-        for (int64_t i = 0; i < HALF; ++i) {
-          int32_t ulo, uhi;
-          if constexpr (QT == Q8_0) {
-            const uint8_t* lo = row + grouped_offset(b);
-            ulo = lo[i];
-            uhi = lo[grouped_gap(b, nb) + i];
-          } else {
-            const uint8_t q = row[HALF * b + i];
-            ulo = q & 0x0F;
-            uhi = q >> 4;
-          }
-          dot += ulo * alo[i] + uhi * ahi[i];
+      for (int64_t b = 0; b < a.nb; ++b) {
+        const uint8_t* block = panel + b * PANEL * f.block_bytes;
+        uint16_t bits;
+        std::memcpy(&bits, block + 2 * l, 2);
+        const float d = half_to_float(bits);
+        float m = d;  // min_coef is in the activation term
+        if constexpr (f.has_min) {
+          std::memcpy(&bits, block + 2 * PANEL + 2 * l, 2);
+          m = half_to_float(bits);
         }
-        const float d = half_to_float(scales[b]);
-        const float m = f.has_min ? half_to_float(mins[b]) : f.min_coef * d;
-        total += d * lanes[b * 4] * static_cast<float>(dot) + m * s[b];
+        int32_t dot = 0;
+        for (int64_t i = 0; i < f.quant_bytes; ++i) {
+          const uint8_t u = block[quant_offset(f, l, i)];
+          if constexpr (QT == Q8_0) {
+            dot += u * x[b * QK + i];
+          } else {
+            dot += (u & 0x0F) * x[b * QK + i] + (u >> 4) * x[b * QK + i + 16];
+          }
+        }
+        total += d * a.d(r0 + r)[b] * static_cast<float>(dot) + m * a.t(r0 + r)[b];
       }
-      out[(r0 + r) * ldo + c0 + c] = total;
+      out[(r0 + r) * ldo + l] = total;
     }
   }
 }
 
 #endif
 
-template <int64_t QT, int C>
-void tile_rows(int64_t rows, const Activations& a, int64_t r0, const uint8_t* w, int64_t row_bytes,
-               int64_t c0, float* out, int64_t ldo) {
-  switch (rows) {
-    case 4: tile<QT, 4, C>(a, r0, w, row_bytes, c0, out, ldo); break;
-    case 3: tile<QT, 3, C>(a, r0, w, row_bytes, c0, out, ldo); break;
-    case 2: tile<QT, 2, C>(a, r0, w, row_bytes, c0, out, ldo); break;
-    default: tile<QT, 1, C>(a, r0, w, row_bytes, c0, out, ldo); break;
+constexpr int TILE_ROWS = 8;
+
+template <int64_t QT, int R = TILE_ROWS>
+void tile_rows(int64_t rows, const Activations& a, int64_t r0, const uint8_t* panel, float* out,
+               int64_t ldo, int64_t cols) {
+  if constexpr (R > 1) {
+    if (rows < R) return tile_rows<QT, R - 1>(rows, a, r0, panel, out, ldo, cols);
   }
+  tile<QT, R>(a, r0, panel, out, ldo, cols);
 }
 
 template <int64_t QT>
-void matmul_typed(const Activations& a, const uint8_t* w, int64_t row_bytes, int64_t n, float* out) {
-  constexpr int64_t TR = 4, TC = 4;  // tile shape
-  constexpr int64_t ROW_BLOCK = 64;  // activation rows kept in L2 while weight tiles pass by
-  const int64_t tiles = (n + TC - 1) / TC;
-  const int64_t macs_per_tile = a.rows * a.nb * QK * TC;
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, macs_per_tile));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+void matmul_typed(const Activations& a, const uint8_t* w, int64_t n, float* out) {
+  constexpr Format f = format_for<QT>();
+  constexpr int64_t ROW_BLOCK = 64;  // activation rows kept in L2 while panels pass through L1
+  const int64_t panels = (n + PANEL - 1) / PANEL;
+  const int64_t panel_bytes = PANEL * a.nb * f.block_bytes;
+  const int64_t macs_per_panel = a.rows * a.nb * QK * PANEL;
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, macs_per_panel));
+  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t rb = 0; rb < a.rows; rb += ROW_BLOCK) {
       const int64_t re = std::min(a.rows, rb + ROW_BLOCK);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t c0 = t * TC, cols = std::min(TC, n - c0);
-        for (int64_t r0 = rb; r0 < re; r0 += TR) {
-          const int64_t rows = std::min(TR, re - r0);
-          if (cols == TC) {
-            tile_rows<QT, TC>(rows, a, r0, w, row_bytes, c0, out, n);
-          } else {
-            for (int64_t c = c0; c < c0 + cols; ++c)
-              tile_rows<QT, 1>(rows, a, r0, w, row_bytes, c, out, n);
-          }
-        }
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t cols = std::min(PANEL, n - p * PANEL);
+        for (int64_t r0 = rb; r0 < re; r0 += TILE_ROWS)
+          tile_rows<QT>(std::min<int64_t>(TILE_ROWS, re - r0), a, r0, w + p * panel_bytes,
+                        out + p * PANEL, n, cols);
       }
     }
   });
 }
 
-// x: float32 [M, K]; w: packed uint8 [N, row_bytes]  ->  float32 [M, N] = x @ W^T
-torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t qtype) {
+// x: float32 [M, K]; w: packed [N rounded up to 16, bytes]  ->  float32 [M, N] = x @ W^T
+torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t n) {
   const Format f = format_of(qtype);
   const int64_t nb = blocks_per_row(w, f);
   TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() == 2, "activations must be float32 [rows, K]");
   TORCH_CHECK(x.size(1) == nb * QK, "activations have ", x.size(1), " features, weights ", nb * QK);
-  TORCH_CHECK(w.is_contiguous(), "packed weights must be contiguous");
+  TORCH_CHECK(w.is_contiguous() && w.size(0) % PANEL == 0 && n <= w.size(0) && n > w.size(0) - PANEL,
+              "weights are not packed for ", n, " rows");
   x = x.contiguous();
   thread_local Activations a;
-  quantize_activations(x.data_ptr<float>(), x.size(0), nb, a);
-  auto out = torch::empty({x.size(0), w.size(0)}, torch::kFloat);
+  quantize_activations(x.data_ptr<float>(), x.size(0), nb, f.has_min ? 1.f : f.min_coef, a);
+  auto out = torch::empty({x.size(0), n}, torch::kFloat);
   dispatch(qtype, [&](auto qt) {
-    matmul_typed<decltype(qt)::value>(a, w.data_ptr<uint8_t>(), w.size(1), w.size(0),
-                                      out.data_ptr<float>());
+    matmul_typed<decltype(qt)::value>(a, w.data_ptr<uint8_t>(), n, out.data_ptr<float>());
   });
   return out;
 }
@@ -446,8 +430,9 @@ std::string simd() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Integer-dot matmul kernels for GGUF Q4_0, Q4_1 and Q8_0 weights";
-  m.def("repack", &repack, "GGUF rows (uint8 [N, bytes]) -> packed rows of the same size");
-  m.def("dequantize", &dequantize, "packed rows -> float32 [N, K]");
-  m.def("matmul", &matmul, "x float32 [M, K] @ packed W^T -> float32 [M, N]");
+  m.def("repack", &repack, "GGUF rows uint8 [N, bytes] -> 16-row panels [N rounded up to 16, bytes]");
+  m.def("unpack", &unpack, "16-row panels -> the first `rows` GGUF rows");
+  m.def("dequantize_rows", &dequantize_rows, "rows `ids` of packed weights -> float32 [n, K]");
+  m.def("matmul", &matmul, "x float32 [M, K] @ packed W^T (N rows) -> float32 [M, N]");
   m.def("simd", &simd, "the instruction set the kernels were compiled for");
 }

@@ -1,0 +1,238 @@
+"""Weight-only quantization of float models: int8, int4 and fp8 linear layers and the swap function.
+
+Each layer keeps a compressed weight and computes `x @ W^T` with activations left in floating
+point. quantize_model() replaces every nn.Linear of a built model by one of them (gpt-fast style:
+swap modules after building, no subclassing of the model).
+
+| mode | weight storage | forward on a CPU |
+|------|----------------|------------------|
+| int8 | int8, symmetric, one bfloat16 scale per output row | torch's int8 GEMM in bfloat16 |
+| int4 | 4 bits in groups of 32 along the input, bfloat16 scale + zero per group | torch's int4 GEMM in bfloat16 |
+| fp8  | float8_e4m3fn, one float32 scale per output row (the form Llama 3.1 405B FP8 ships) | dequantized on every call, multiplied in float32 |
+
+The int8 and int4 kernels take bfloat16 activations (their float32 paths are about ten times
+slower on a CPU), so those layers round the input to bfloat16 and return the input's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llamaherd.checkpoint import set_module
+
+INT4_GROUP_SIZE = 32  # weights per (scale, zero) pair; 32 and 64 run equally fast here
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def _matrix(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x (..., in) as a contiguous (rows, in) matrix."""
+    return x.reshape(-1, in_features)
+
+
+def _check_linear(linear: nn.Linear) -> torch.Tensor:
+    if linear.bias is not None:
+        raise ValueError("weight-only quantization supports bias-free linear layers only")
+    if linear.weight.device.type == "meta":
+        raise ValueError("cannot quantize a linear layer on the meta device; load weights first")
+    return linear.weight.detach().float()
+
+
+class Int8Linear(nn.Module):
+    """Symmetric per-output-row int8 weights: W ~ weight * scales[:, None]."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)  # int8 (out, in)
+        self.register_buffer("scales", scales)  # bfloat16 (out,)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        w = _check_linear(linear)
+        # Round the scale to bfloat16 first and quantize with the rounded value, so the stored
+        # integers absorb the scale's rounding instead of every weight inheriting it.
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+        q = (w / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+        return cls(q, scales)
+
+    @classmethod
+    def concat(cls, layers: Sequence[Int8Linear]) -> Int8Linear:
+        """One layer whose outputs are those of `layers` side by side (fused projections)."""
+        return cls(torch.cat([layer.weight for layer in layers]),
+                   torch.cat([layer.scales for layer in layers]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _matrix(x, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)  # (rows, out)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as float32 (out, in)."""
+        return self.weight.float() * self.scales.float()[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Int4Linear(nn.Module):
+    """Asymmetric 4-bit weights in groups of `group_size` inputs, packed for torch's CPU kernel.
+
+    Per group, W ~ (q - 8) * scale + zero with q in 0..15 (the kernel's convention); `packed` is
+    uint8 (out, in / 2) in the kernel's layout and `scale_zeros` bfloat16 (in / group, out, 2).
+    """
+
+    def __init__(self, packed: torch.Tensor, scale_zeros: torch.Tensor, in_features: int,
+                 group_size: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, packed.shape[0]
+        self.group_size = group_size
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale_zeros", scale_zeros)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> Int4Linear:
+        w = _check_linear(linear)
+        out_features, in_features = w.shape
+        if in_features % group_size or out_features % 16:
+            raise ValueError(f"int4 needs in_features divisible by {group_size} and out_features "
+                             f"by 16, got a {out_features}x{in_features} weight")
+        groups = w.view(out_features, in_features // group_size, group_size)
+        lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)  # (out, groups)
+        # Like int8: round scale and zero to bfloat16 first, then pick the integers against them.
+        scale = ((hi - lo) / 15).clamp(min=1e-12).to(torch.bfloat16).float()
+        zero = (lo + 8 * scale).to(torch.bfloat16).float()
+        low = (zero - 8 * scale)[..., None]  # value of q = 0
+        q = ((groups - low) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
+        scale_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # (groups, out, 2)
+        return cls(_pack_int4(q.view(out_features, in_features)),
+                   scale_zeros.to(torch.bfloat16).contiguous(), in_features, group_size)
+
+    @classmethod
+    def concat(cls, layers: Sequence[Int4Linear]) -> Int4Linear:
+        """One layer whose outputs are those of `layers` side by side (fused projections)."""
+        first = layers[0]
+        # The kernel's layout interleaves blocks of rows, so repack the joined integers.
+        q = torch.cat([layer.unpack() for layer in layers])
+        return cls(_pack_int4(q), torch.cat([layer.scale_zeros for layer in layers], dim=1),
+                   first.in_features, first.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _matrix(x, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size,
+                                                       self.scale_zeros)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def unpack(self) -> torch.Tensor:
+        """The 4-bit integers as int32 (out, in), read back through the kernel itself."""
+        # With scale 1 and zero 8 the kernel computes (q - 8) + 8 = q; small integers are exact.
+        ones = torch.ones_like(self.scale_zeros)
+        ones[..., 1] = 8
+        return self._multiply_identity(ones).to(torch.int32)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as float32 (out, in)."""
+        return self._multiply_identity(self.scale_zeros.float())
+
+    def _multiply_identity(self, scale_zeros: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(self.in_features, dtype=scale_zeros.dtype, device=self.packed.device)
+        weight_t = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size,
+                                                              scale_zeros)  # (in, out)
+        return weight_t.float().T.contiguous()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}")
+
+
+def _pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int32 (out, in) values 0..15 -> uint8 (out, in / 2) in the CPU kernel's layout."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
+
+
+def e4m3_as_float16(weight: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn -> float16 holding exactly value / 256, by moving bits (no rounding).
+
+    An e4m3 byte is sign | 4 exponent bits (bias 7) | 3 mantissa bits. Shifted left by 7 inside
+    16 bits, its exponent and mantissa land in float16's fields (5 exponent bits, bias 15), which
+    reads them as the same number times 2^(7 - 15) = 1/256, subnormals included. The byte's sign
+    bit, sign-extended into the int16, is moved to bit 15 by the shift and bit 14 cleared.
+    torch's own float8 -> float conversion is element by element and about 50 times slower.
+    NaN codes (never produced by quantization) become finite values.
+    """
+    bits = weight.view(torch.int8).to(torch.int16)
+    bits.bitwise_left_shift_(7).bitwise_and_(~0x4000)
+    return bits.view(torch.float16)
+
+
+class Fp8Linear(nn.Module):
+    """float8_e4m3fn weights with a float32 scale per output row: W ~ weight * scales[:, None]."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)  # float8_e4m3fn (out, in)
+        self.register_buffer("scales", scales)  # float32 (out,)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+        w = _check_linear(linear)
+        scales = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+        q = (w / scales[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return cls(q, scales)
+
+    @classmethod
+    def concat(cls, layers: Sequence[Fp8Linear]) -> Fp8Linear:
+        """One layer whose outputs are those of `layers` side by side (fused projections)."""
+        return cls(torch.cat([layer.weight for layer in layers]),
+                   torch.cat([layer.scales for layer in layers]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = e4m3_as_float16(self.weight).float()  # weight / 256, exact, (out, in)
+        y = F.linear(x.float(), w) * (self.scales * 256)
+        return y.to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as float32 (out, in)."""
+        return e4m3_as_float16(self.weight).float() * (self.scales * 256)[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+LINEARS: dict[str, type[nn.Module]] = {"int8": Int8Linear, "int4": Int4Linear, "fp8": Fp8Linear}
+MODES = tuple(LINEARS)
+
+# Whether a tied output projection gets its own quantized copy. The output projection is the
+# largest matrix of a small model (49152 x 576 in SmolLM2-135M), and int8/int4 kernels multiply
+# it about 3x faster than float32 does, so a copy pays for its memory. fp8 dequantizes on every
+# call, which is slower than the float32 matrix it would replace, so tied weights stay float there.
+QUANTIZE_TIED_OUTPUT = {"int8": True, "int4": True, "fp8": False}
+
+
+def check_mode(mode: str) -> str:
+    """`mode` if it names a weight-only quantization, else ValueError."""
+    if mode not in LINEARS:
+        raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
+    return mode
+
+
+def quantize_model(model: nn.Module, mode: str) -> nn.Module:
+    """Replace every nn.Linear in `model` by its `mode` ("int8", "int4" or "fp8") quantized form.
+
+    Embeddings stay float. A linear layer whose weight is an embedding's (tied output) gets a
+    quantized copy when QUANTIZE_TIED_OUTPUT[mode] says that is faster, and is left as is
+    otherwise. Works before or after fuse_projections(). Returns `model`, changed in place.
+    """
+    cls = LINEARS[check_mode(mode)]
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        if id(module.weight) in embedding_weights and not QUANTIZE_TIED_OUTPUT[mode]:
+            continue
+        set_module(model, name, cls.from_linear(module))
+    return model
