@@ -130,15 +130,24 @@ class LLM:
                 f"layers={a.n_layers}, vocab={a.vocab_size})")
 
 
-def load(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None) -> LLM:
+def load(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None,
+         quant: str | None = None) -> LLM:
     """Load a registered name, a .gguf file, a Hugging Face directory or a Meta directory.
 
     dtype=None uses the fastest path for the checkpoint (packed quantized weights for GGUF);
     dtype="float32" always selects the exact float32 path.
+    quant ("int8", "int4" or "fp8") quantizes the float weights after loading them (in float32
+    unless dtype says otherwise; GGUF files are dequantized first); see llamaherd.quant.weight_only.
     """
     from llamaherd import tokenizer as tok
+    from llamaherd.quant.weight_only import check_mode, quantize_model
 
+    if quant is not None:
+        check_mode(quant)
+        dtype = "float32" if dtype is None else dtype
     path = resolve_path(name_or_path)
     ckpt = load_checkpoint(path, dtype=_parse_dtype(dtype))
+    if quant is not None:
+        quantize_model(ckpt.model, quant)
     tokenizer = tok.load(ckpt.path)
     return LLM(ckpt, tokenizer)
