@@ -154,9 +154,8 @@ class Tokenizer:
         """Text for `ids`; special tokens appear as their text unless `skip_special`. Invalid
         UTF-8 (a lone byte token, a cut character) becomes U+FFFD. Like SentencePiece, a
         vocabulary that adds a space prefix drops it again at the start."""
-        ids = self._check_ids(ids)
         dec = self.stream_decoder(skip_special=skip_special, start_of_text=True)
-        return "".join(dec.push(i) for i in ids) + dec.flush()
+        return "".join(map(dec.push, ids)) + dec.flush()
 
     def stream_decoder(self, skip_special: bool = False, start_of_text: bool = False) -> StreamDecoder:
         """An incremental decoder for streamed ids that never splits a UTF-8 character.
