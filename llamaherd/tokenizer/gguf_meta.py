@@ -7,13 +7,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-# GGUF value types -> (struct format, numpy dtype) for the fixed-size ones.
-_SCALARS: dict[int, tuple[str, str]] = {
-    0: ("<B", "<u1"), 1: ("<b", "<i1"), 2: ("<H", "<u2"), 3: ("<h", "<i2"),
-    4: ("<I", "<u4"), 5: ("<i", "<i4"), 6: ("<f", "<f4"), 7: ("<?", "?"),
-    10: ("<Q", "<u8"), 11: ("<q", "<i8"), 12: ("<d", "<f8"),
+# GGUF value types -> struct format character, for the fixed-size ones.
+_SCALARS: dict[int, str] = {
+    0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d",
 }
 _STRING, _ARRAY = 8, 9
 
@@ -70,7 +66,7 @@ def _string(buf: mmap.mmap, off: int) -> tuple[str, int]:
 
 def _value(buf: mmap.mmap, off: int, vtype: int, want: bool) -> tuple[Any, int]:
     if vtype in _SCALARS:
-        fmt = _SCALARS[vtype][0]
+        fmt = "<" + _SCALARS[vtype]
         return struct.unpack_from(fmt, buf, off)[0], off + struct.calcsize(fmt)
     if vtype == _STRING:
         return _string(buf, off)
@@ -79,12 +75,11 @@ def _value(buf: mmap.mmap, off: int, vtype: int, want: bool) -> tuple[Any, int]:
     itype, count = struct.unpack_from("<IQ", buf, off)
     off += 12
     if itype in _SCALARS:
-        dtype = np.dtype(_SCALARS[itype][1])
-        end = off + count * dtype.itemsize
+        fmt = f"<{count}{_SCALARS[itype]}"
+        end = off + struct.calcsize(fmt)
         if end > len(buf):
             raise GGUFMetadataError("array runs past the end of the file")
-        items = np.frombuffer(buf[off:end], dtype=dtype).tolist() if want else None
-        return items, end
+        return (list(struct.unpack_from(fmt, buf, off)) if want else None), end
     if itype == _STRING:
         return _string_array(buf, off, count, want)
     items = []
@@ -123,8 +118,7 @@ def metadata_from_reader(reader: Any, prefix: str = "") -> dict[str, Any]:
                 out[key] = [bytes(field.parts[i]).decode("utf-8", errors="replace")
                             for i in field.data]
             else:
-                out[key] = np.concatenate([field.parts[i] for i in field.data]).tolist() \
-                    if field.data else []
+                out[key] = [field.parts[i][0].item() for i in field.data]
         elif kind == GGUFValueType.STRING:
             out[key] = bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
         else:
