@@ -20,3 +20,11 @@ fi
 # llamaherd still runs, with slow pure-torch dequantization.
 .venv/bin/python -m llamaherd.quant.kernels \
   || echo "warning: GGUF C++ kernels failed to build; quantized models will run slowly" >&2
+
+# The web-page tests drive Debian's chromium through Playwright (never Playwright's own browsers).
+if [ "$with_tests" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+  sudo_cmd=""
+  if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
+  $sudo_cmd apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -q chromium
+fi
