@@ -149,5 +149,5 @@ def load(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None,
     ckpt = load_checkpoint(path, dtype=_parse_dtype(dtype))
     if quant is not None:
         quantize_model(ckpt.model, quant)
-    tokenizer = tok.load(ckpt.path)
+    tokenizer = tok.load(ckpt.path, metadata=ckpt.metadata if ckpt.format == "gguf" else None)
     return LLM(ckpt, tokenizer)

@@ -180,14 +180,16 @@ def test_load_registered_name(smollm_path: Path) -> None:
     assert tok.source == str(smollm_path)
 
 
-def test_load_with_open_gguf_reader() -> None:
+def test_load_with_parsed_metadata() -> None:
     import gguf
 
-    from llamaherd.tokenizer.gguf_meta import metadata_from_reader, read_metadata
+    from llamaherd.checkpoint.gguf import read_metadata
 
-    reader = gguf.GGUFReader(LLAMA2_GGUF)
-    assert metadata_from_reader(reader, "tokenizer.") == read_metadata(LLAMA2_GGUF, "tokenizer.")
-    tok = load(LLAMA2_GGUF, reader=reader)
+    reader = gguf.GGUFReader(LLAMA2_GGUF)  # the gguf package's own reader as the reference
+    metadata = read_metadata(LLAMA2_GGUF)
+    assert metadata["tokenizer.ggml.tokens"] == list(reader.fields["tokenizer.ggml.tokens"].contents())
+    assert metadata["tokenizer.ggml.scores"] == list(reader.fields["tokenizer.ggml.scores"].contents())
+    tok = load(LLAMA2_GGUF, metadata=metadata)
     assert tok.encode("Hello world") == [15043, 3186]
     assert tok.add_bos and tok.unk_id == 0
 

@@ -72,6 +72,21 @@ class _Cursor:
         n = self.unpack("<Q")
         return bytes(self.take(n)).decode("utf-8", errors="replace")
 
+    def strings(self, count: int) -> list[str]:
+        buf, pos, out = self.buf, self.pos, []
+        unpack = struct.Struct("<Q").unpack_from
+        try:
+            for _ in range(count):
+                (n,) = unpack(buf, pos)
+                out.append(bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8", errors="replace"))
+                pos += 8 + n
+        except struct.error:
+            raise CheckpointError(self.path, "file is truncated (header runs past the end)") from None
+        if pos > len(buf):
+            raise CheckpointError(self.path, "file is truncated (header runs past the end)")
+        self.pos = pos
+        return out
+
     def value(self, vtype: int) -> Any:
         vtype = GGUFValueType(vtype)
         if vtype in _SCALAR:
@@ -82,19 +97,26 @@ class _Cursor:
             etype, count = GGUFValueType(self.unpack("<I")), self.unpack("<Q")
             if etype in _SCALAR:  # numeric arrays in one numpy read
                 dt = np.dtype(_SCALAR[etype])
-                arr = np.frombuffer(self.take(count * dt.itemsize), dtype=dt)
-                return arr.tolist() if count < 1024 else arr
+                return np.frombuffer(self.take(count * dt.itemsize), dtype=dt).tolist()
+            if etype == GGUFValueType.STRING:  # vocabularies: a tight loop, ~100k strings
+                return self.strings(count)
             return [self.value(etype) for _ in range(count)]
         raise CheckpointError(self.path, f"unknown metadata value type {vtype}")
 
 
-def read_gguf(path: str | Path) -> GGUFFile:
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Only the key/value metadata of a GGUF file (for a vocabulary: tens of milliseconds)."""
+    return read_gguf(path, with_tensors=False).metadata
+
+
+def read_gguf(path: str | Path, with_tensors: bool = True) -> GGUFFile:
     """Parse a GGUF v2/v3 file's header and memory-map its tensors (no tensor data is read)."""
     path = Path(path)
     try:
         mm = np.memmap(path, dtype=np.uint8, mode="r")
     except (OSError, ValueError) as e:
-        raise CheckpointError(path, f"cannot open: {e}") from None
+        reason = "empty file" if path.exists() and path.stat().st_size == 0 else f"cannot open: {e}"
+        raise CheckpointError(path, reason) from None
     cur = _Cursor(memoryview(mm), path)
     if bytes(cur.take(4)) != GGUF_MAGIC:
         raise CheckpointError(path, "not a GGUF file (wrong magic number)")
@@ -113,6 +135,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
                 etype = GGUFValueType(struct.unpack_from("<I", cur.buf, cur.pos)[0])
             value_types[key] = (vtype, etype)
             metadata[key] = cur.value(vtype)
+        if not with_tensors:
+            return GGUFFile(path, version, metadata, {}, value_types)
         infos = []
         for _ in range(n_tensors):
             name = cur.string()

@@ -57,11 +57,11 @@ def _pick_in_dir(d: Path) -> Path:
     raise TokenizerError(f"{d}: expected tokenizer.model, tokenizer.json or one .gguf file ({found})")
 
 
-def load(path: str | Path, *, reader: Any = None) -> Tokenizer:
+def load(path: str | Path, *, metadata: dict[str, Any] | None = None) -> Tokenizer:
     """Load the tokenizer in `path`: a vocab-only or full `.gguf`, a `tokenizer.model` (tiktoken
     rank file or SentencePiece protobuf, told apart by content), a `tokenizer.json`, a directory
-    holding one of those, or a registered model name. `reader` may pass an already-open
-    `gguf.GGUFReader` for a GGUF path so it is not parsed twice."""
+    holding one of those, or a registered model name. `metadata` may pass a GGUF file's
+    already-parsed key/values (`llamaherd.checkpoint.gguf.read_metadata`) so it is not read twice."""
     from .gguf_vocab import load_gguf
     from .hf import config_chat_template, load_tokenizer_json, read_config
     from .spm import load_model_file
@@ -78,7 +78,7 @@ def load(path: str | Path, *, reader: Any = None) -> Tokenizer:
     if not head:
         raise TokenizerError(f"{p}: empty file")
     if head.startswith(b"GGUF"):
-        return load_gguf(p, reader=reader)
+        return load_gguf(p, metadata=metadata)
     if p.suffix == ".json" or head.lstrip().startswith(b"{"):
         return load_tokenizer_json(p)
     config = read_config(p)

@@ -10,7 +10,6 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from .base import Tokenizer, TokenizerError
 from .bytelevel import unspell
-from .gguf_meta import GGUFMetadataError, metadata_from_reader, read_metadata
 from .hf import HFTokenizer
 from .spm import CONTROL, UNKNOWN, USER_DEFINED, SentencePieceTokenizer, build_proto
 from .tiktoken_bpe import LLAMA3_PATTERN, TiktokenTokenizer
@@ -34,17 +33,20 @@ def _smollm_pre() -> pre_tokenizers.PreTokenizer:
 HF_PRE = {"default": _gpt2_pre, "gpt-2": _gpt2_pre, "gpt2": _gpt2_pre, "smollm": _smollm_pre}
 
 
-def load_gguf(path: str | Path, reader: Any = None) -> Tokenizer:
+def load_gguf(path: str | Path, metadata: dict[str, Any] | None = None) -> Tokenizer:
     """The tokenizer embedded in a GGUF file (vocab-only or full model).
 
-    `reader` may be an already-open `gguf.GGUFReader` for the same file; otherwise only the
-    metadata is read, which takes milliseconds even for a 128k vocabulary."""
-    try:
-        meta = metadata_from_reader(reader, "tokenizer.") if reader is not None \
-            else read_metadata(path, "tokenizer.")
-    except GGUFMetadataError as e:
-        raise TokenizerError(f"{path}: {e}") from e
-    return from_metadata(meta, source=str(path))
+    `metadata` may pass the file's already-parsed key/values; otherwise only the metadata is
+    read, which takes milliseconds even for a 128k vocabulary."""
+    from llamaherd.checkpoint.errors import CheckpointError
+    from llamaherd.checkpoint.gguf import read_metadata
+
+    if metadata is None:
+        try:
+            metadata = read_metadata(path)
+        except CheckpointError as e:
+            raise TokenizerError(str(e)) from e
+    return from_metadata(metadata, source=str(path))
 
 
 def from_metadata(meta: dict[str, Any], source: str = "") -> Tokenizer:
