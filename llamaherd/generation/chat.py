@@ -36,9 +36,9 @@ def chat_format(tokenizer: Any) -> Any:
     """The tokenizer's chat format (built once and kept on the tokenizer)."""
     fmt = getattr(tokenizer, "_chat_format", None)
     if fmt is None:
-        from llamaherd.tokenizer.chat import ChatFormat
+        from llamaherd.tokenizer import chat_format as make_format
 
-        fmt = ChatFormat(tokenizer)
+        fmt = make_format(tokenizer)
         tokenizer._chat_format = fmt
     return fmt
 

@@ -32,6 +32,8 @@ def sampling_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--frequency-penalty", type=float, default=0.0, show_default=True),
         click.option("--seed", type=int, default=None, help="Make sampling reproducible."),
         click.option("--stop", multiple=True, help="Stop string (repeatable); never printed."),
+        click.option("--truncate", is_flag=True,
+                     help="Drop the oldest prompt tokens when the prompt overflows the window."),
         click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
                      default=None, help="Dequantize weights to this type (default: fastest)."),
     ]
@@ -47,7 +49,7 @@ def to_sampling(opts: dict[str, Any]) -> dict[str, Any]:
             "repetition_penalty": opts["repeat_penalty"],
             "presence_penalty": opts["presence_penalty"],
             "frequency_penalty": opts["frequency_penalty"], "seed": opts["seed"],
-            "stop": list(opts["stop"])}
+            "stop": list(opts["stop"]), "truncate_prompt": opts["truncate"]}
 
 
 def _is_model(name: str) -> bool:
@@ -161,6 +163,8 @@ def generate(model: str, prompt: str, as_json: bool, **opts: Any) -> None:
         if not as_json and e.text:
             click.echo(e.text, nl=False)
     seq = events[-1].seq
+    if seq.truncated:
+        click.echo(f"[prompt truncated: {seq.truncated} oldest tokens dropped]", err=True)
     if not as_json:
         click.echo()
         if seq.finish_reason == "length":

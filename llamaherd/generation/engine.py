@@ -79,7 +79,7 @@ class Engine:
             raise ContextWindowError(
                 f"the prompt has {n} tokens but the context window is {window} tokens "
                 f"(at least one must be left for the answer); shorten the prompt or allow "
-                f"truncation")
+                f"truncation (truncate_prompt=True, or --truncate)")
         keep = window - min(params.max_new_tokens, window // 2)
         bos = getattr(self.tokenizer, "bos_id", None)
         if bos is not None and prompt_ids[0] == bos:  # keep the BOS, drop the oldest after it
