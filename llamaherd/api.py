@@ -71,20 +71,30 @@ class LLM:
 
     # ----- generation: every method below drives llamaherd.generation's one engine -----
 
-    def events(self, prompts: list[list[int]], **sampling: Any) -> Iterator[Event]:
-        """Engine events for token-id prompts (the loop the other methods share)."""
+    def events(self, prompts: list[list[int]], draft: Any = None, draft_k: int = 4,
+               **sampling: Any) -> Iterator[Event]:
+        """Engine events for token-id prompts (the loop the other methods share).
+
+        draft: None, "ngram" (prompt lookup) or a smaller LLM sharing the vocabulary, for greedy
+        speculative decoding with draft_k tokens checked per forward.
+        """
         from llamaherd.generation.generate import generate_stream, sized_engine
         from llamaherd.generation.sampling import SamplingParams
 
         params = SamplingParams(**sampling)
         self._engine = sized_engine(self._engine, self.model, self.tokenizer, prompts, params)
-        return generate_stream(self._engine, prompts, params)
+        if draft is None:
+            return generate_stream(self._engine, prompts, params)
+        from llamaherd.generation.speculative import speculative_stream
+
+        return speculative_stream(self._engine, prompts, params, draft, draft_k)
 
     def generate(self, prompt_or_prompts: Any, **sampling: Any) -> list[Completion]:
         """Complete a prompt (str or list of token ids) or a list of prompts.
 
         Returns n completions per prompt, prompt by prompt. Keyword arguments are SamplingParams
-        fields (max_new_tokens, temperature=0 for greedy, top_k, top_p, min_p, seed, stop, ...).
+        fields (max_new_tokens, temperature=0 for greedy, top_k, top_p, min_p, seed, stop, ...),
+        and draft= / draft_k= for speculative decoding (see `events`).
         """
         from llamaherd.generation.generate import collect, to_token_ids
 

@@ -144,18 +144,26 @@ def _chat_loop(llm: Any, history: list[dict[str, str]], sampling: dict[str, Any]
 @click.argument("prompt")
 @click.option("--json", "as_json", is_flag=True,
               help="Print text, token ids, finish reason, timings and usage as JSON.")
+@click.option("--draft", default=None,
+              help="Speculative decoding (greedy): 'ngram' for prompt lookup, or a smaller "
+                   "model sharing MODEL's vocabulary.")
+@click.option("--draft-k", type=int, default=4, show_default=True,
+              help="Draft tokens checked per forward.")
 @sampling_options
 @_friendly
-def generate(model: str, prompt: str, as_json: bool, **opts: Any) -> None:
+def generate(model: str, prompt: str, as_json: bool, draft: str | None, draft_k: int,
+             **opts: Any) -> None:
     """Complete PROMPT with MODEL (no chat template)."""
     from llamaherd.generation.generate import to_token_ids
 
-    llm, load_s = _load(model, opts.pop("dtype"))
+    dtype = opts.pop("dtype")
+    llm, load_s = _load(model, dtype)
+    draft_model = None if draft in (None, "ngram") else _load(draft, dtype)[0]
     ids = to_token_ids(llm.tokenizer, prompt).ids
     t0 = time.perf_counter()
     first = last = t0
     events = []
-    for e in llm.events(ids, **to_sampling(opts)):
+    for e in llm.events(ids, draft=draft_model or draft, draft_k=draft_k, **to_sampling(opts)):
         last = time.perf_counter()
         if not events:
             first = last
@@ -167,11 +175,20 @@ def generate(model: str, prompt: str, as_json: bool, **opts: Any) -> None:
         click.echo(f"[prompt truncated: {seq.truncated} oldest tokens dropped]", err=True)
     if not as_json:
         click.echo()
+        if seq.draft_stats is not None:
+            click.echo(f"[speculative: {seq.draft_stats.acceptance_rate:.0%} of draft tokens "
+                       f"accepted]", err=True)
         if seq.finish_reason == "length":
             click.echo("[stopped: token limit reached]", err=True)
         return
     prompt_n, new_n = len(seq.prompt_ids), len(events)  # new_n counts a final stop token
     prefill_s, decode_s = first - t0, last - first
+    extra = {}
+    if seq.draft_stats is not None:
+        st = seq.draft_stats
+        extra["speculative"] = {"acceptance_rate": round(st.acceptance_rate, 4),
+                                "drafted": st.drafted, "accepted": st.accepted,
+                                "target_forwards": st.target_forwards}
     click.echo(json.dumps({
         "text": seq.text,
         "token_ids": seq.output_ids,
@@ -182,6 +199,7 @@ def generate(model: str, prompt: str, as_json: bool, **opts: Any) -> None:
         "usage": {"prompt_tokens": prompt_n, "completion_tokens": len(seq.output_ids),
                   "total_tokens": prompt_n + len(seq.output_ids),
                   "truncated_prompt_tokens": seq.truncated},
+        **extra,
     }))
     sys.stdout.flush()
 

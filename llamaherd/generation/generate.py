@@ -23,11 +23,13 @@ class Completion:
     truncated: int = 0  # prompt tokens dropped to fit the context window
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     prompt_index: int = 0  # which prompt of the request this completes
+    acceptance_rate: float | None = None  # share of draft tokens accepted (speculative decoding)
 
     @classmethod
     def from_sequence(cls, seq: Sequence, logprobs: list[TokenLogprob] | None) -> Completion:
+        rate = seq.draft_stats.acceptance_rate if seq.draft_stats is not None else None
         return cls(seq.text, list(seq.output_ids), seq.finish_reason or "cancelled", logprobs,
-                   len(seq.prompt_ids), seq.truncated, seq.stop_reason, seq.prompt_index)
+                   len(seq.prompt_ids), seq.truncated, seq.stop_reason, seq.prompt_index, rate)
 
 
 def generate_stream(engine: Engine, prompts: list[list[int]],

@@ -52,6 +52,7 @@ class Sequence:
         self.text = ""  # emitted text so far
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+        self.draft_stats: Any = None  # SpeculativeStats when decoded speculatively
         self.prompt_index = 0  # which prompt of a request this answers, set by generate_stream
         self.row = -1  # cache row, set by the engine
         self.pos = 0  # number of tokens whose keys/values are in the cache

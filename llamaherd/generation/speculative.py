@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -110,6 +110,7 @@ class SpeculativeDecoder:
         if not self.engine.idle:
             raise RuntimeError("speculative decoding needs the engine to itself")
         seq = self.engine.add(prompt_ids, params)
+        seq.draft_stats = self.stats
         try:
             events = self.engine.step()  # prefill and the first token
             self.stats.target_forwards += 1
@@ -142,3 +143,18 @@ class SpeculativeDecoder:
             accepted += 1  # draft[i] was what the target would have picked
         self.stats.accepted += accepted
         seq.pos += accepted + 1  # the fed token and the accepted drafts are now in the cache
+
+
+def speculative_stream(engine: Engine, prompts: list[list[int]], params: SamplingParams,
+                       draft: str | Any, k: int = 4) -> Iterator[Event]:
+    """Greedy events for each prompt in turn; draft is "ngram" (prompt lookup) or a draft model
+    (an LLM or a Transformer, not the target object itself). Each sequence's `draft_stats` holds
+    its SpeculativeStats."""
+    if isinstance(draft, str):
+        if draft != "ngram":
+            raise ValueError(f"draft must be 'ngram' or a model, got {draft!r}")
+        drafter: Drafter = NgramDrafter()
+    else:
+        drafter = ModelDrafter(getattr(draft, "model", draft), engine.max_len)
+    for prompt in prompts:
+        yield from SpeculativeDecoder(engine, drafter, k).stream(prompt, params)
