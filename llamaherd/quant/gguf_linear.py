@@ -100,15 +100,15 @@ class GGUFLinear(nn.Module):
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
+        if self.packed and x.dtype == torch.float32 and not (x.requires_grad
+                                                             and torch.is_grad_enabled()):
+            return kernels.load().matmul(x, self.data, self.qtype_id, self.out_features)
         x2 = x.reshape(-1, self.in_features).float()  # (B*T, in)
-        if not self.packed:
-            y = x2 @ self.dequantize().T
-        elif x.requires_grad and torch.is_grad_enabled():
+        if self.packed:
             y = _KernelMatmul.apply(x2, self)
         else:
-            y = kernels.load().matmul(x2, self.data, self.qtype_id, self.out_features)
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+            y = x2 @ self.dequantize().T
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The weight as float32 [out_features, in_features]."""

@@ -312,9 +312,20 @@ void tile(const Activations& a, int64_t r0, const uint8_t* panel, float* out, in
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const int32_t* x = aq[r] + b * (QK / 4);
-      __m512i dot = _mm512_setzero_si512();
+      __m512i dot;
+      if constexpr (R < 4) {  // few rows: two shorter dependency chains keep the ports busy
+        __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
 #pragma GCC unroll 8
-      for (int j = 0; j < NV; ++j) dot = _mm512_dpbusd_epi32(dot, w[j], _mm512_set1_epi32(x[j]));
+        for (int j = 0; j < NV; j += 2) {
+          even = _mm512_dpbusd_epi32(even, w[j], _mm512_set1_epi32(x[j]));
+          odd = _mm512_dpbusd_epi32(odd, w[j + 1], _mm512_set1_epi32(x[j + 1]));
+        }
+        dot = _mm512_add_epi32(even, odd);
+      } else {
+        dot = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; ++j) dot = _mm512_dpbusd_epi32(dot, w[j], _mm512_set1_epi32(x[j]));
+      }
       const __m512 sum = _mm512_cvtepi32_ps(dot);
       if constexpr (f.has_min) {  // acc += dw*da*dot + m*(da*sum(qa))
         acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(terms[r][b]), acc[r]);
@@ -400,18 +411,21 @@ void matmul_typed(const Activations& a, const uint8_t* w, int64_t n, float* out)
   });
 }
 
-// x: float32 [M, K]; w: packed [N rounded up to 16, bytes]  ->  float32 [M, N] = x @ W^T
+// x: float32 [..., K]; w: packed [N rounded up to 16, bytes]  ->  float32 [..., N] = x @ W^T
 torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t n) {
   const Format f = format_of(qtype);
   const int64_t nb = blocks_per_row(w, f);
-  TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() == 2, "activations must be float32 [rows, K]");
-  TORCH_CHECK(x.size(1) == nb * QK, "activations have ", x.size(1), " features, weights ", nb * QK);
+  TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() >= 1, "activations must be float32 [..., K]");
+  TORCH_CHECK(x.size(-1) == nb * QK, "activations have ", x.size(-1), " features, weights ",
+              nb * QK);
   TORCH_CHECK(w.is_contiguous() && w.size(0) % PANEL == 0 && n <= w.size(0) && n > w.size(0) - PANEL,
               "weights are not packed for ", n, " rows");
-  x = x.contiguous();
+  const torch::Tensor x2 = x.reshape({-1, nb * QK}).contiguous();
   thread_local Activations a;
-  quantize_activations(x.data_ptr<float>(), x.size(0), nb, f.has_min ? 1.f : f.min_coef, a);
-  auto out = torch::empty({x.size(0), n}, torch::kFloat);
+  quantize_activations(x2.data_ptr<float>(), x2.size(0), nb, f.has_min ? 1.f : f.min_coef, a);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = n;
+  auto out = torch::empty(shape, x.options());
   dispatch(qtype, [&](auto qt) {
     matmul_typed<decltype(qt)::value>(a, w.data_ptr<uint8_t>(), n, out.data_ptr<float>());
   });
@@ -433,6 +447,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("repack", &repack, "GGUF rows uint8 [N, bytes] -> 16-row panels [N rounded up to 16, bytes]");
   m.def("unpack", &unpack, "16-row panels -> the first `rows` GGUF rows");
   m.def("dequantize_rows", &dequantize_rows, "rows `ids` of packed weights -> float32 [n, K]");
-  m.def("matmul", &matmul, "x float32 [M, K] @ packed W^T (N rows) -> float32 [M, N]");
+  m.def("matmul", &matmul, "x float32 [..., K] @ packed W^T (N rows) -> float32 [..., N]");
   m.def("simd", &simd, "the instruction set the kernels were compiled for");
 }
