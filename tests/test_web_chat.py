@@ -14,6 +14,10 @@ import pytest
 
 from llamaherd.serve.launch import llamaherd_server
 
+# The exact float32 path of the real default model: answers are checked for content ("Paris"),
+# which should not hinge on the speed work in the quantized kernels.
+SERVE_OPTIONS = ("--dtype", "float32")
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -21,7 +25,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    with llamaherd_server(None, "--max-seqs", "4", "--ctx-size", "2048", threads=2) as s:
+    with llamaherd_server(None, "--max-seqs", "4", "--ctx-size", "2048", *SERVE_OPTIONS,
+                          threads=2) as s:
         yield s.url
 
 

@@ -59,12 +59,14 @@ class Scheduler:
     """Owns an Engine and the thread that steps it."""
 
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, max_queue: int = 64,
-                 on_step: Callable[[int, int, int], None] | None = None) -> None:
+                 report: Callable[[int, int, int], None] | None = None) -> None:
         self.engine = engine
         self.loop = loop
         self.max_seqs = engine.rows
         self.max_queue = max_queue
-        self.on_step = on_step  # (running sequences, waiting jobs, tokens this step) after a step
+        # report(running sequences, waiting jobs, tokens generated): after every step and every
+        # change of the queue (may be called from either thread)
+        self.report = report
         self._cv = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._cancelled: list[Job] = []
@@ -95,6 +97,7 @@ class Scheduler:
                 raise QueueFull(self.max_queue)
             self._waiting.append(job)
             self._cv.notify()
+        self._report(0)
         return job
 
     def cancel(self, job: Job) -> None:
@@ -106,9 +109,15 @@ class Scheduler:
                 self._waiting.remove(job)
                 job.done = True
                 job.events.put_nowait(JobCancelled())
+                self._report(0)
                 return
             self._cancelled.append(job)
             self._cv.notify()
+
+    def _report(self, tokens: int) -> None:
+        if self.report is not None:
+            with self._cv:  # one report at a time, so the last one written is the latest state
+                self.report(len(self._owner), len(self._waiting), tokens)
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -124,8 +133,8 @@ class Scheduler:
             for job in cancelled:
                 self._drop(job)
                 self._post([(job, JobCancelled())])
-            if cancelled and self.on_step is not None:
-                self.on_step(len(self._owner), len(self._waiting), 0)
+            if cancelled or admitted:
+                self._report(0)
             for job in admitted:
                 self._add(job)
             if self.engine.idle:
@@ -183,9 +192,7 @@ class Scheduler:
             if e.finish_reason is not None:
                 del self._owner[e.seq.id]
             batch.append((job, e))
-        if self.on_step is not None:
-            tokens = sum(e.token_id is not None for e in events)
-            self.on_step(len(self._owner), len(self._waiting), tokens)
+        self._report(sum(e.token_id is not None for e in events))
         if batch:
             self._post(batch)
 

@@ -121,7 +121,7 @@ def create_app(llm: Any, model_id: str, *, max_seqs: int = 8, max_queue: int = 6
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
         engine = Engine(llm.model, llm.tokenizer, rows=max_seqs, max_len=context)
-        scheduler = Scheduler(engine, asyncio.get_running_loop(), max_queue, metrics.on_step)
+        scheduler = Scheduler(engine, asyncio.get_running_loop(), max_queue, metrics.report)
         guidance = Guidance(llm.tokenizer, llm.args.vocab_size)
         app.state.server = ServerState(llm, model_id, context, scheduler, guidance, metrics,
                                        TokenText(llm.tokenizer), chat_format(llm.tokenizer),

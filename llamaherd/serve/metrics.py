@@ -39,8 +39,8 @@ class Metrics:
         self._window: list[tuple[float, int]] = []
         self._lock = threading.Lock()
 
-    def on_step(self, running: int, waiting: int, tokens: int) -> None:
-        """Called by the engine thread after every step."""
+    def report(self, running: int, waiting: int, tokens: int) -> None:
+        """The scheduler's report after a step or a change of its queue."""
         now = time.perf_counter()
         self.running.set(running)
         self.queue_depth.set(waiting)

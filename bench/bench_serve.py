@@ -1,0 +1,174 @@
+"""Serving benchmark: aggregate output tokens/s and time to first token at 1, 4, 8 and 16 concurrent
+streamed chat answers, llamaherd's server against llama-cpp-python's OpenAI server on the same GGUF.
+
+    .venv/bin/python bench/bench_serve.py [--threads 2] [--levels 1,4,8,16] [--max-tokens 128]
+    .venv/bin/python bench/bench_serve.py --smoke      # a few seconds: levels 1,2 and 8 tokens
+
+Every stream asks for `--max-tokens` tokens of a long answer; tokens are counted from the
+server's usage report when it sends one, else one per content chunk. Results go to
+bench/results/serve.json. llama-cpp-python is optional: without it (or its server extras) only
+llamaherd is measured, and the script says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from llamaherd import hub
+from llamaherd.hub import DEFAULT_MODEL
+from llamaherd.serve.launch import ServerProcess, free_port, llamaherd_server
+
+RESULTS = Path(__file__).parent / "results" / "serve.json"
+PROMPTS = [
+    "Write a long story about a lighthouse keeper.",
+    "Explain in detail how a bicycle works.",
+    "Describe a journey across the desert, step by step.",
+    "Write a long letter to a friend about your garden.",
+]
+
+
+async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
+                     usage: bool) -> dict[str, float]:
+    """One streamed chat answer: seconds to the first content, total seconds, tokens."""
+    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "temperature": 0.8,
+                            "seed": 1, "stream": True,
+                            "messages": [{"role": "user", "content": prompt}]}
+    if usage:
+        body["stream_options"] = {"include_usage": True}
+    start = time.perf_counter()
+    first: float | None = None
+    chunks, reported = 0, None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                reported = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                if choice.get("delta", {}).get("content"):
+                    chunks += 1
+                    if first is None:
+                        first = time.perf_counter()
+    end = time.perf_counter()
+    return {"ttft": (first or end) - start, "seconds": end - start,
+            "tokens": float(reported if reported is not None else chunks)}
+
+
+async def level(url: str, model: str, streams: int, max_tokens: int, usage: bool) -> dict[str, Any]:
+    """`streams` concurrent answers; aggregate tokens/s over the wall time of all of them."""
+    async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
+        start = time.perf_counter()
+        runs = await asyncio.gather(*(one_stream(client, model, PROMPTS[i % len(PROMPTS)],
+                                                 max_tokens, usage) for i in range(streams)))
+        wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] for r in runs)
+    ttfts = [r["ttft"] for r in runs]
+    return {"streams": streams, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttft_mean_s": statistics.fmean(ttfts), "ttft_max_s": max(ttfts)}
+
+
+def measure(name: str, server: ServerProcess, levels: list[int], max_tokens: int,
+            usage: bool) -> list[dict[str, Any]]:
+    print(f"starting {name} ...", file=sys.stderr, flush=True)
+    with server:
+        model = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        asyncio.run(level(server.url, model, 1, 8, usage))  # warm-up
+        out = []
+        for n in levels:
+            row = asyncio.run(level(server.url, model, n, max_tokens, usage))
+            print(f"  {name:10s} {n:3d} streams: {row['tokens_per_s']:7.1f} tok/s, "
+                  f"TTFT {row['ttft_mean_s'] * 1000:7.0f} ms", file=sys.stderr, flush=True)
+            out.append(row)
+    return out
+
+
+def llama_cpp_server(model_path: Path, threads: int) -> ServerProcess | str:
+    """llama-cpp-python's server, or the reason it cannot run."""
+    try:
+        import llama_cpp
+        import llama_cpp.server.app  # noqa: F401
+    except ImportError as e:
+        return (f"llama-cpp-python's server is not importable ({e}); install it with "
+                f"`pip install 'llama-cpp-python[server]'` to compare")
+    port = free_port()
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--host",
+            "127.0.0.1", "--port", str(port), "--n_threads", str(threads), "--n_ctx", "4096",
+            "--interrupt_requests", "False"]
+    return ServerProcess(argv, port, ready_path="/v1/models")
+
+
+def table(results: dict[str, list[dict[str, Any]]]) -> str:
+    names = list(results)
+    head = f"{'streams':>8} " + " ".join(f"{n + ' tok/s':>18} {n + ' TTFT ms':>18}" for n in names)
+    if len(names) == 2:
+        head += f" {'tok/s ratio':>12} {'TTFT ratio':>11}"
+    lines = [head]
+    for i, row in enumerate(results[names[0]]):
+        cells = [f"{row['streams']:>8}"]
+        for n in names:
+            r = results[n][i]
+            cells.append(f"{r['tokens_per_s']:>18.1f} {r['ttft_mean_s'] * 1000:>18.0f}")
+        if len(names) == 2:
+            a, b = results[names[0]][i], results[names[1]][i]
+            cells.append(f"{a['tokens_per_s'] / b['tokens_per_s']:>12.2f} "
+                         f"{a['ttft_mean_s'] / b['ttft_mean_s']:>11.2f}")
+        lines.append(" ".join(cells))
+    if len(names) == 2:
+        lines.append(f"ratios are {names[0]} / {names[1]} (tok/s: higher is better for "
+                     f"{names[0]}; TTFT: lower is better)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--levels", default="1,4,8,16")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--smoke", action="store_true", help="levels 1,2 with 8 tokens, no JSON")
+    ap.add_argument("--skip-llama-cpp", action="store_true")
+    args = ap.parse_args()
+    levels = [1, 2] if args.smoke else [int(x) for x in args.levels.split(",")]
+    max_tokens = 8 if args.smoke else args.max_tokens
+    model_path = hub.pull(args.model) if args.model in hub.REGISTRY else Path(args.model)
+
+    results: dict[str, list[dict[str, Any]]] = {}
+    ours = llamaherd_server(args.model, "--max-seqs", str(max(levels)), "--ctx-size", "1024",
+                            threads=args.threads)
+    results["llamaherd"] = measure("llamaherd", ours, levels, max_tokens, usage=True)
+    note = None
+    if args.skip_llama_cpp:
+        note = "llama-cpp-python skipped (--skip-llama-cpp)"
+    else:
+        other = llama_cpp_server(model_path, args.threads)
+        if isinstance(other, str):
+            note = other
+        else:
+            results["llama.cpp"] = measure("llama.cpp", other, levels, max_tokens, usage=False)
+    if note:
+        print(f"note: {note}; measuring llamaherd alone", file=sys.stderr)
+    print(table(results))
+    if not args.smoke:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps({
+            "model": args.model, "threads": args.threads, "max_tokens": max_tokens,
+            "machine": platform.platform(), "python": platform.python_version(),
+            "note": note, "results": results}, indent=2) + "\n")
+        print(f"wrote {RESULTS}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
