@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY, TINY_LLAMA3, make_tiny_model
 
-from llamaherd.api import LLM
+from llamaherd.api import LLM, load
 from llamaherd.checkpoint import load_checkpoint
 from llamaherd.checkpoint.convert import write_gguf
 from llamaherd.checkpoint.hf import save_hf
@@ -44,7 +44,8 @@ def reference(default_model_path: Path) -> tuple[object, object]:
 
 @pytest.fixture(scope="session")
 def ours(default_model_path: Path) -> LLM:
-    return LLM(load_checkpoint(default_model_path, dtype=torch.float32), tokenizer=None)
+    """The front door, exact float32 path."""
+    return load("smollm2-135m-instruct", dtype="float32")
 
 
 def _prompt_ids(tok, i: int) -> list[int]:
@@ -62,6 +63,8 @@ def test_real_model_logits_match_transformers(reference, ours: LLM, i: int) -> N
     with torch.no_grad():
         expected = hf(torch.tensor([ids])).logits[0]
     got = ours.logits(ids)
+    if i < len(PROMPTS):  # both tokenizers read the same GGUF vocabulary
+        assert ours.tokenizer.encode(PROMPTS[i]) == ids
     assert got.shape == expected.shape == (len(ids), 49152)
     assert (got - expected).abs().max().item() < 1e-3
 
