@@ -81,11 +81,17 @@ async def level(url: str, model: str, streams: int, max_tokens: int, usage: bool
 
 
 def measure(name: str, server: ServerProcess, levels: list[int], max_tokens: int,
-            usage: bool) -> list[dict[str, Any]]:
+            usage: bool, warmup_timeout: float = 180.0) -> list[dict[str, Any]]:
+    """Run every level against `server`; raises RuntimeError if it cannot answer a short warm-up
+    request within `warmup_timeout` seconds."""
     print(f"starting {name} ...", file=sys.stderr, flush=True)
     with server:
         model = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
-        asyncio.run(level(server.url, model, 1, 8, usage))  # warm-up
+        try:
+            asyncio.run(asyncio.wait_for(level(server.url, model, 1, 8, usage), warmup_timeout))
+        except (TimeoutError, asyncio.TimeoutError, httpx.HTTPError) as e:
+            raise RuntimeError(f"{name} did not answer a warm-up request within "
+                               f"{warmup_timeout:.0f}s ({type(e).__name__})") from e
         out = []
         for n in levels:
             row = asyncio.run(level(server.url, model, n, max_tokens, usage))
@@ -157,7 +163,11 @@ def main() -> None:
         if isinstance(other, str):
             note = other
         else:
-            results["llama.cpp"] = measure("llama.cpp", other, levels, max_tokens, usage=False)
+            try:
+                results["llama.cpp"] = measure("llama.cpp", other, levels, max_tokens,
+                                               usage=False)
+            except RuntimeError as e:
+                note = f"llama-cpp-python's server failed: {e}"
     if note:
         print(f"note: {note}; measuring llamaherd alone", file=sys.stderr)
     print(table(results))
