@@ -15,6 +15,10 @@ _JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator":
                                  "key_separator": ": "}
 
 
+# A function declared without parameters takes none (as in OpenAI's API): its arguments are {}.
+_NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
 class GrammarError(ValueError):
     """A schema or grammar the engine cannot enforce exactly (rejected, never run unconstrained)."""
 
@@ -99,7 +103,7 @@ class Guidance:
             options.append({
                 "type": "object",
                 "properties": {"name": {"const": name},
-                               arguments_key: params if params else {"type": "object"}},
+                               arguments_key: params if params else _NO_ARGUMENTS},
                 "required": ["name", arguments_key],
                 "additionalProperties": False,
             })

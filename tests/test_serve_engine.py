@@ -1,0 +1,173 @@
+"""The serving engine layer without HTTP: llguidance constraints on the real SmolLM2 vocabulary, and
+the continuous-batching scheduler driving the real default model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+
+import jsonschema
+import pytest
+import torch
+
+from llamaherd import tokenizer as tok
+from llamaherd.api import load
+from llamaherd.engine.guidance import GrammarError, Guidance
+from llamaherd.engine.scheduler import Job, JobCancelled, QueueFull, Scheduler
+from llamaherd.generation.engine import Engine
+from llamaherd.generation.sampling import SamplingParams
+from llamaherd.hub import DEFAULT_MODEL
+from llamaherd.tokenizer.toolcalls import extract_tool_calls
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12},
+                   "age": {"type": "integer", "minimum": 0, "maximum": 99},
+                   "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+                   "ok": {"type": "boolean"}},
+    "required": ["name", "age", "tags", "ok"], "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> tok.Tokenizer:
+    return tok.load(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def guidance(tokenizer: tok.Tokenizer) -> Guidance:
+    return Guidance(tokenizer, tokenizer.vocab_size)
+
+
+def constrained_text(tokenizer: tok.Tokenizer, guidance: Guidance, grammar: str, seed: int,
+                     limit: int = 300) -> str:
+    """Sample from random logits through the constraint until a stop token; the text made."""
+    gen = torch.Generator().manual_seed(seed)
+    constraint = guidance.constraint(grammar)
+    ids: list[int] = []
+    for _ in range(limit):
+        logits = constraint(ids, torch.randn(tokenizer.vocab_size, generator=gen) * 3)
+        token = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+        if token in tokenizer.stop_ids:
+            assert constraint.accepting and constraint.error is None
+            return tokenizer.decode(ids)
+        ids.append(token)
+    raise AssertionError(f"no stop token after {limit} tokens: {tokenizer.decode(ids)!r}")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_logits_through_a_schema_give_valid_json(tokenizer: tok.Tokenizer,
+                                                        guidance: Guidance, seed: int) -> None:
+    text = constrained_text(tokenizer, guidance, guidance.json_schema(SCHEMA), seed)
+    jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_json_object_mode_gives_an_object(tokenizer: tok.Tokenizer, guidance: Guidance) -> None:
+    grammar = guidance.json_schema(None)
+    constraint = guidance.constraint(grammar)
+    first = constraint([], torch.zeros(tokenizer.vocab_size))
+    allowed = [tokenizer.decode([int(i)]) for i in torch.isfinite(first).nonzero().flatten()]
+    assert allowed and all(t.startswith("{") for t in allowed)
+
+
+def test_a_tool_call_grammar_writes_a_call_the_parser_reads(tokenizer: tok.Tokenizer,
+                                                            guidance: Guidance) -> None:
+    params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}},
+              "required": ["city"], "additionalProperties": False}
+    grammar = guidance.tool_call([("get_weather", params), ("get_time", None)],
+                                 "<tool_call>\n", "\n</tool_call>")
+    for seed in range(3):
+        text = constrained_text(tokenizer, guidance, grammar, seed)
+        content, calls = extract_tool_calls(text, {"get_weather", "get_time"})
+        assert content == "" and len(calls) == 1, text
+        if calls[0].name == "get_weather":
+            jsonschema.validate(calls[0].arguments, params)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "integer", "minimum": 3, "maximum": 1},
+    {"not": {"type": "string"}},
+    {"type": "string", "format": "no-such-format"},
+    {"$ref": "#/$defs/missing"},
+    "not a schema",
+])
+def test_schemas_that_cannot_be_enforced_are_refused(guidance: Guidance, schema: object) -> None:
+    with pytest.raises(GrammarError):
+        guidance.json_schema(schema)  # type: ignore[arg-type]
+
+
+# ---- the scheduler ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llm():
+    return load(DEFAULT_MODEL, dtype="float32")
+
+
+def params(**kw: object) -> SamplingParams:
+    return SamplingParams(**{"max_new_tokens": 6, "temperature": 0.0, **kw})  # type: ignore[arg-type]
+
+
+async def drain(job: Job) -> list[str]:
+    """Texts of the job's sequences once every one has finished."""
+    done: dict[int, str] = {}
+    texts: dict[int, list[str]] = {}
+    while len(done) < job.rows:
+        item = await job.events.get()
+        if isinstance(item, Exception):
+            raise item
+        texts.setdefault(item.seq.id, []).append(item.text)
+        if item.finish_reason is not None:
+            done[item.seq.id] = "".join(texts[item.seq.id])
+    return [done[s.id] for s in job.seqs]
+
+
+def test_jobs_join_a_running_batch_and_match_running_alone(llm) -> None:
+    prompts = [llm.tokenizer.encode(p) for p in ("The capital of France is", "One, two,",
+                                                 "def main():", "Once upon a time")]
+
+    async def run(concurrent: bool) -> list[list[str]]:
+        engine = Engine(llm.model, llm.tokenizer, rows=2, max_len=128)
+        sched = Scheduler(engine, asyncio.get_running_loop(), max_queue=8)
+        sched.start()
+        try:
+            if not concurrent:
+                return [await drain(sched.submit(Job(p, [params()]))) for p in prompts]
+            jobs = [sched.submit(Job(p, [params(max_new_tokens=6 + i)]))
+                    for i, p in enumerate(prompts)]  # 4 jobs, 2 rows: two wait
+            return list(await asyncio.gather(*(drain(j) for j in jobs)))
+        finally:
+            sched.stop()
+
+    alone = asyncio.run(run(False))
+    together = asyncio.run(run(True))
+    for a, t in zip(alone, together):  # greedy: a longer budget only extends the text
+        assert t[0].startswith(a[0])
+    assert "Paris" in together[0][0]
+
+
+def test_cancel_frees_rows_and_a_full_queue_refuses(llm) -> None:
+    async def run() -> None:
+        engine = Engine(llm.model, llm.tokenizer, rows=1, max_len=256)
+        sched = Scheduler(engine, asyncio.get_running_loop(), max_queue=1)
+        sched.start()
+        try:
+            prompt = llm.tokenizer.encode("Tell me a story")
+            long = sched.submit(Job(prompt, [params(max_new_tokens=200, ignore_eos=True)]))
+            first = await long.events.get()
+            assert not isinstance(first, Exception)
+            waiting = sched.submit(Job(prompt, [params()]))
+            with pytest.raises(QueueFull):
+                sched.submit(Job(prompt, [params()]))
+            sched.cancel(waiting)  # a waiting job leaves the queue at once
+            assert isinstance(await waiting.events.get(), JobCancelled)
+            sched.cancel(long)  # a running one leaves the batch and frees its row
+            while not isinstance(await long.events.get(), JobCancelled):
+                pass
+            after = sched.submit(Job(prompt, [replace(params(), n=1)]))
+            assert (await drain(after))[0]
+            assert engine.free_rows == 1 and engine.idle
+        finally:
+            sched.stop()
+
+    asyncio.run(run())
