@@ -53,9 +53,9 @@ def shape_table(tensors: dict) -> None:
         for rows in (1, 512):
             x = torch.randn(rows, layer.in_features)
             budget = 0.3 if rows == 1 else 1.0
-            k = seconds_per_call(lambda: layer(x), budget)
-            d = seconds_per_call(lambda: x @ dense.T, budget)
-            f = seconds_per_call(lambda: fallback(x), budget)
+            k = seconds_per_call(lambda x=x, layer=layer: layer(x), budget)
+            d = seconds_per_call(lambda x=x, dense=dense: x @ dense.T, budget)
+            f = seconds_per_call(lambda x=x, fallback=fallback: fallback(x), budget)
             print(f"{label:<20} {rows:>5} | {k * 1e6:>10.1f} {layer.data.numel() / k / 1e9:>6.1f} | "
                   f"{d * 1e6:>12.1f} {dense.numel() * 4 / d / 1e9:>6.1f} | {f * 1e6:>11.1f}")
 

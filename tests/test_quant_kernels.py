@@ -206,6 +206,6 @@ def test_without_kernels_layers_fall_back_with_a_warning():
             "print(caught[0].message)\n")
     env = dict(os.environ, LLAMAHERD_NO_KERNELS="1")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, check=False)
     assert run.returncode == 0, run.stderr
     assert "GGUF C++ kernels unavailable (LLAMAHERD_NO_KERNELS=1)" in run.stdout

@@ -40,7 +40,7 @@ def dequantize(data: torch.Tensor, qtype: int | GGMLQuantizationType) -> torch.T
     rows = data.shape[0]
     if qtype in FLOAT_DTYPES:
         return data.contiguous().view(FLOAT_DTYPES[qtype]).float()
-    block, size = GGML_QUANT_SIZES[qtype]
+    _, size = GGML_QUANT_SIZES[qtype]
     blocks = data.reshape(rows, -1, size)
     if qtype == GGMLQuantizationType.Q8_0:
         w = _halves(blocks, 0) * blocks[..., 2:].view(torch.int8).float()

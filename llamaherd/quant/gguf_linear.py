@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
 from gguf import GGMLQuantizationType
+from torch import nn
 
 from llamaherd.quant import kernels
 from llamaherd.quant.dequant import dequantize, row_bytes

@@ -1,7 +1,8 @@
 """Builds, caches and loads the C++ GGUF kernels; says whether they are available.
 
 The extension is compiled once per (source, compiler flags, torch, Python, CPU features) into
-`~/.cache/llamaherd/ext/<hash>/`, so loading an already built one is a plain import. Set
+`<llamaherd cache>/ext/<hash>/` (~/.cache/llamaherd unless $LLAMAHERD_CACHE says otherwise), so
+loading an already built one is a plain import. Set
 `LLAMAHERD_NO_KERNELS=1` to force the pure-torch fallback.
 """
 
@@ -17,6 +18,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from llamaherd.hub import cache_dir
 
 NAME = "llamaherd_gguf_kernels"
 SOURCE = Path(__file__).parent / "csrc" / "gguf_kernels.cpp"
@@ -44,8 +47,7 @@ def build_dir() -> Path:
     for part in (SOURCE.read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
                  sys.version.encode(), _cpu_features().encode()):
         key.update(part)
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llamaherd" / "ext"
-    return root / key.hexdigest()[:16]
+    return cache_dir() / "ext" / key.hexdigest()[:16]
 
 
 def _library(directory: Path) -> Path:
@@ -84,7 +86,7 @@ def load() -> ModuleType | None:
             build()
             _module = _import(_library(build_dir()))
             return _module
-        except Exception as exc:  # a compiler or loader failure of any kind means: fall back
+        except Exception as exc:  # noqa: BLE001 - any compiler or loader failure means: fall back
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}"
     warnings.warn(f"llamaherd: GGUF C++ kernels unavailable ({reason}); quantized layers fall back "
                   "to slow per-call dequantization in torch", RuntimeWarning, stacklevel=2)
