@@ -16,6 +16,7 @@ from llamaherd.checkpoint import load_checkpoint
 from llamaherd.checkpoint.convert import convert, write_gguf
 from llamaherd.checkpoint.gguf import read_gguf
 from llamaherd.checkpoint.hf import save_hf
+from llamaherd.checkpoint.info import describe
 from llamaherd.checkpoint.meta import save_meta
 from llamaherd.config import ModelArgs
 from llamaherd.model import Transformer
@@ -249,3 +250,18 @@ def _inside_mapping(t: torch.Tensor, file: str) -> bool:
             if lo <= ptr < hi:
                 return True
     return False
+
+
+def test_tokenizer_files_travel_between_hf_and_meta(tmp_path: Path) -> None:
+    model = make_tiny_model(TINY)
+    save_hf(model.state_dict(), model.args, tmp_path / "hf")
+    files = {"tokenizer.json": '{"model": {"type": "BPE"}}',
+             "tokenizer_config.json": '{"chat_template": "{{ messages }}"}',
+             "tokenizer.model": "not really a tokenizer"}
+    for name, text in files.items():
+        (tmp_path / "hf" / name).write_text(text)
+    meta = convert(tmp_path / "hf", tmp_path / "meta", "meta")
+    back = convert(meta, tmp_path / "hf2", "hf")
+    for name, text in files.items():
+        assert (back / name).read_text() == text
+    assert "chat template:  yes (16 characters)" in describe(back)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,9 @@ WEIGHT_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
     "F16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
     "Q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
 }
+# Tokenizer files of HF and Meta directories, copied unchanged between them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "chat_template.jinja")
 # general.* keys that describe the file itself: the writer sets them, they are not copied.
 _FILE_KEYS = {"general.architecture", "general.file_type", "general.quantization_version",
               "general.alignment"}
@@ -37,9 +41,10 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, gguf_type: str = "F32
     directory: params.json, consolidated.00.pth) or "gguf" (a file; weight matrices stored as
     `gguf_type`: F32, F16 or Q8_0).
 
-    A GGUF source's vocabulary and chat template are copied into a GGUF output. Tokenizer files
-    are not converted: an HF or Meta output holds the weights and config only, and a GGUF
-    written from an HF or Meta directory has no vocabulary.
+    A GGUF source's vocabulary and chat template are copied into a GGUF output, and the
+    tokenizer files of an HF or Meta source directory into an HF or Meta output. Vocabularies
+    are not translated between the two worlds: a GGUF written from a directory has none, and a
+    directory written from a GGUF has no tokenizer files.
     """
     from llamaherd.api import resolve_path
 
@@ -57,7 +62,12 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, gguf_type: str = "F32
         return write_gguf(ckpt.model, dst, weight_type=gguf_type.upper(), source=source)
     _check_expressible(ckpt, fmt)
     state = ckpt.model.state_dict()
-    return save_hf(state, ckpt.args, dst) if fmt == "hf" else save_meta(state, ckpt.args, dst)
+    out = save_hf(state, ckpt.args, dst) if fmt == "hf" else save_meta(state, ckpt.args, dst)
+    if ckpt.path.is_dir():
+        for name in TOKENIZER_FILES:
+            if (ckpt.path / name).is_file() and ckpt.path.resolve() != out.resolve():
+                shutil.copyfile(ckpt.path / name, out / name)
+    return out
 
 
 def _check_expressible(ckpt: Checkpoint, fmt: str) -> None:
