@@ -264,4 +264,4 @@ def test_tokenizer_files_travel_between_hf_and_meta(tmp_path: Path) -> None:
     back = convert(meta, tmp_path / "hf2", "hf")
     for name, text in files.items():
         assert (back / name).read_text() == text
-    assert "chat template:  yes (16 characters)" in describe(back)
+    assert "chat template:  yes (14 characters)" in describe(back)
