@@ -105,6 +105,14 @@ def hf_shape_disagrees(tmp: Path) -> tuple[Path, str]:
     return tmp / "hf", "config expects 64 rows"
 
 
+def hf_tied_but_different(tmp: Path) -> tuple[Path, str]:
+    model = make_tiny_model(TINY)  # untied: output differs from the embedding
+    save_hf(model.state_dict(), TINY, tmp / "hf")
+    config = json.loads((tmp / "hf" / "config.json").read_text())
+    (tmp / "hf" / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+    return tmp / "hf", "tie_word_embeddings is true but lm_head differs from embed_tokens"
+
+
 def hf_missing_shard(tmp: Path) -> tuple[Path, str]:
     model = make_tiny_model(TINY)
     save_hf(model.state_dict(), model.args, tmp / "hf")
@@ -169,7 +177,8 @@ def missing_path(tmp: Path) -> tuple[Path, str]:
 
 
 BAD = [truncated_gguf, truncated_gguf_header, wrong_magic, not_gguf_at_all, unsupported_type,
-       unknown_type_code, shape_disagrees, hf_shape_disagrees, hf_missing_shard,
+       unknown_type_code, shape_disagrees, hf_shape_disagrees, hf_tied_but_different,
+       hf_missing_shard,
        truncated_safetensors, meta_missing_shard, meta_truncated, meta_with_code,
        meta_with_object, hf_pickle_bin, missing_path]
 

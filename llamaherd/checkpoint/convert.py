@@ -89,7 +89,7 @@ def _check_expressible(ckpt: Checkpoint, fmt: str) -> None:
 
 def write_gguf(model: Transformer, dst: str | Path, *, weight_type: str = "F32",
                source: GGUFFile | None = None) -> Path:
-    """Write a float model as a llama GGUF: every `llama.*` key ModelArgs.from_gguf reads, weight
+    """Write a float (not packed) model as a llama GGUF: every `llama.*` key ModelArgs.from_gguf reads, weight
     matrices as `weight_type`, norms in F32, Llama 3.1 rotary scaling as the `rope_freqs`
     divisors llama.cpp applies, and the `general.*` and `tokenizer.*` keys of `source`."""
     args: ModelArgs = model.args
@@ -132,10 +132,14 @@ def write_gguf(model: Transformer, dst: str | Path, *, weight_type: str = "F32",
     if not torch.equal(freqs, base):
         w.add_tensor("rope_freqs.weight", (base / freqs).numpy())
 
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    try:  # written beside the destination, renamed into place when complete
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
     os.replace(part, dst)
     return dst
 

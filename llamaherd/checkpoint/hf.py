@@ -80,7 +80,6 @@ def load_hf(path: Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
     dtype = dtype or torch.float32
     state: dict[str, torch.Tensor] = {}
     types: Counter[str] = Counter()
-    lm_head = None
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
@@ -104,13 +103,12 @@ def load_hf(path: Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
                                                     f"the config expects {heads * args.head_dim} "
                                                     "rows")
                     t = hf_to_meta_rows(t, heads)
-                if internal == "output.weight":
-                    lm_head = t
                 state[internal] = t.to(dtype)
     # Tied embeddings: lm_head absent, or present as a copy that equals the embedding.
-    tied = lm_head is None or (args.tie_embeddings and torch.equal(
-        lm_head, state.get("tok_embeddings.weight", torch.empty(0)).to(lm_head.dtype)))
-    if args.tie_embeddings and lm_head is not None and not tied:
+    embedding, lm_head = state.get("tok_embeddings.weight"), state.get("output.weight")
+    tied = lm_head is None or (args.tie_embeddings and embedding is not None
+                               and torch.equal(lm_head, embedding))
+    if args.tie_embeddings and not tied:
         raise CheckpointError(path / "config.json", "tie_word_embeddings is true but lm_head "
                                                     "differs from embed_tokens")
     if tied:
