@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
-
 from conftest import TINY, make_tiny_model
+from torch import nn
+
 from llamaherd.api import load
 from llamaherd.quant.weight_only import (
     LINEARS,
