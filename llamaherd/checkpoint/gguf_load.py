@@ -81,8 +81,9 @@ def _packed_modules(internal: str, t: GGUFTensor, args: ModelArgs) -> dict[str, 
     data = torch.from_numpy(t.data)
     out_f, in_f = t.shape
     if module_name == "tok_embeddings":
-        out = {"tok_embeddings": GGUFEmbedding(data, t.qtype, in_f, out_f)}
-        if args.tie_embeddings:
-            out["output"] = GGUFLinear(data, t.qtype, in_f, out_f)
+        embedding = GGUFEmbedding(data, t.qtype, in_f, out_f)
+        out = {"tok_embeddings": embedding}
+        if args.tie_embeddings:  # the same packed bytes, not a second copy
+            out["output"] = embedding.as_linear()
         return out
     return {module_name: GGUFLinear(data, t.qtype, in_f, out_f)}
