@@ -32,6 +32,16 @@ PROMPTS = [
 CHAT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """transformers' decode loop is several times slower with two threads when the cores are
+    shared (threads wait for each other); one thread keeps this module's run time steady."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def reference(default_model_path: Path) -> tuple[object, object]:
     """transformers' tokenizer and float32 model, both read from the same GGUF (loaded once)."""
