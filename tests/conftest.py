@@ -1,4 +1,4 @@
-"""Shared fixtures: the real default model, tiny random models and where the shared fixtures live."""
+"""Shared fixtures: the real default model, tiny random models, the shared fixtures folder."""
 
 from __future__ import annotations
 

@@ -96,7 +96,8 @@ def unknown_type_code(tmp: Path) -> tuple[Path, str]:
 def shape_disagrees(tmp: Path) -> tuple[Path, str]:
     model = make_tiny_model(TINY)
     model.args = TINY.replace(hidden_dim=128)  # the header will claim a smaller FFN
-    return write_gguf(model, tmp / "shape.gguf"), "has shape (192, 64), the config expects (128, 64)"
+    path = write_gguf(model, tmp / "shape.gguf")
+    return path, "has shape (192, 64), the config expects (128, 64)"
 
 
 def hf_shape_disagrees(tmp: Path) -> tuple[Path, str]:

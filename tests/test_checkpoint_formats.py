@@ -1,4 +1,4 @@
-"""GGUF, Hugging Face and Meta checkpoints: written, read and converted without changing the model."""
+"""GGUF, Hugging Face and Meta checkpoints: written, read and converted, the model unchanged."""
 
 from __future__ import annotations
 

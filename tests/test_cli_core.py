@@ -137,3 +137,14 @@ def test_help_names_the_options(command: str) -> None:
     assert code == 0 and "Usage:" in out
     if command == "convert":
         assert "--to [hf|gguf|meta]" in out and "--type" in out
+
+
+def test_info_shows_llama3_scaling_read_from_rope_freqs(tmp_path: Path) -> None:
+    from conftest import TINY_LLAMA3
+
+    path = write_gguf(make_tiny_model(TINY_LLAMA3), tmp_path / "long.gguf")
+    code, out, err = run("info", str(path))
+    assert code == 0, err
+    assert ("rope:           theta 500000, llama3 scaling factor 8 (low 1, high 4, "
+            "original context 8192)") in out
+    assert "tensor types:   F32: 22" in out  # 21 weights and the rope_freqs divisors

@@ -1,4 +1,4 @@
-"""Same numbers as transformers: the real default model from its GGUF, and tiny models through HF files."""
+"""Same numbers as transformers: the real model from its GGUF; tiny models through HF files."""
 
 from __future__ import annotations
 

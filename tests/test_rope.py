@@ -1,4 +1,4 @@
-"""Rotary frequencies and Llama 3.1 long-context scaling, against SPECS.md section 2 and transformers."""
+"""Rotary frequencies and Llama 3.1 long-context scaling vs SPECS.md section 2 and transformers."""
 
 from __future__ import annotations
 

@@ -89,9 +89,10 @@ def _check_expressible(ckpt: Checkpoint, fmt: str) -> None:
 
 def write_gguf(model: Transformer, dst: str | Path, *, weight_type: str = "F32",
                source: GGUFFile | None = None) -> Path:
-    """Write a float (not packed) model as a llama GGUF: every `llama.*` key ModelArgs.from_gguf reads, weight
-    matrices as `weight_type`, norms in F32, Llama 3.1 rotary scaling as the `rope_freqs`
-    divisors llama.cpp applies, and the `general.*` and `tokenizer.*` keys of `source`."""
+    """Write a float (not packed) model as a llama GGUF: every `llama.*` key that
+    ModelArgs.from_gguf reads, weight matrices as `weight_type`, norms in F32, Llama 3.1 rotary
+    scaling as the `rope_freqs` divisors llama.cpp applies, and the `general.*` and
+    `tokenizer.*` keys of `source`."""
     args: ModelArgs = model.args
     qtype, file_type = WEIGHT_TYPES[weight_type]
     dst = Path(dst)

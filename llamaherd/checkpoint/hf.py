@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint directories: config.json plus safetensors, read memory-mapped and written."""
+"""Hugging Face checkpoint directories: config.json and safetensors, read memory-mapped, written."""
 
 from __future__ import annotations
 

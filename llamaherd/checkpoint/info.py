@@ -1,4 +1,4 @@
-"""`llamaherd info`: what a checkpoint holds, read from its header or config without loading weights."""
+"""`llamaherd info`: what a checkpoint holds, from its header or config, without loading weights."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def _gguf(path: Path) -> Summary:
     f = read_gguf(path)
     embd = f.tensors.get("token_embd.weight")
     try:
-        args = ModelArgs.from_gguf(f.metadata, vocab_size=embd.shape[0] if embd is not None else None)
+        vocab = embd.shape[0] if embd is not None else None
+        args = ModelArgs.from_gguf(f.metadata, vocab_size=vocab)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(path, f"bad model metadata: {e}") from None
     args = args.replace(tie_embeddings=bool(f.tensors) and "output.weight" not in f.tensors)
@@ -144,8 +145,9 @@ def describe(model: str | Path) -> str:
         rope = f"theta {a.rope_theta:g}, no scaling"
     else:
         r = a.rope_scaling
-        rope = (f"theta {a.rope_theta:g}, llama3 scaling factor {r.factor:g} (low {r.low_freq_factor:g}"
-                f", high {r.high_freq_factor:g}, original context {r.original_context})")
+        rope = (f"theta {a.rope_theta:g}, llama3 scaling factor {r.factor:g} "
+                f"(low {r.low_freq_factor:g}, high {r.high_freq_factor:g}, "
+                f"original context {r.original_context})")
     template = "none" if not s.chat_template else f"yes ({len(s.chat_template)} characters)"
     rows = [
         ("file", str(s.path)),

@@ -1,4 +1,4 @@
-"""Meta checkpoint directories: params.json plus consolidated.NN.pth shards, read safely and written."""
+"""Meta checkpoint directories: params.json and consolidated.NN.pth shards, read safely, written."""
 
 from __future__ import annotations
 
