@@ -241,3 +241,17 @@ def test_the_server_still_serves_after_all_that(server: str) -> None:
     assert "Paris" in r.json()["choices"][0]["message"]["content"]
     metrics = httpx.get(server + "/metrics").text
     assert 'status="5' not in metrics
+
+
+def test_a_busy_port_is_a_one_line_error_before_the_model_loads() -> None:
+    import subprocess
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "llamaherd.cli", "serve", "--port", str(port)],
+                           check=False, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"

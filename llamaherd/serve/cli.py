@@ -32,6 +32,7 @@ def serve(model: str, host: str, port: int, max_seqs: int, max_queue: int, ctx_s
     from llamaherd.api import load
     from llamaherd.serve.app import create_app
 
+    _check_listen(host, port)  # before the model loads, so a busy port fails at once
     if threads is not None:
         torch.set_num_threads(threads)
     llm = load(model, dtype=dtype)
@@ -40,10 +41,23 @@ def serve(model: str, host: str, port: int, max_seqs: int, max_queue: int, ctx_s
             llm.checkpoint.path.stem
     app = create_app(llm, model_id, max_seqs=max_seqs, max_queue=max_queue, context=ctx_size)
     click.echo(f"serving {model_id} on http://{host}:{port}/  (OpenAI API at /v1)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+
+
+def _check_listen(host: str, port: int) -> None:
+    import socket
+
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
-    except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"cannot resolve host {host!r}: {e.strerror}") from e
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
 
 
 COMMANDS = [serve]
