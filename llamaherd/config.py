@@ -147,7 +147,8 @@ class ModelArgs:
                                       params.get("ffn_dim_multiplier")),
             norm_eps=float(params.get("norm_eps", 1e-5)),
             rope_theta=float(params.get("rope_theta", 10000.0)),
-            max_seq_len=int(params.get("max_seq_len", 4096)),
+            # Meta's Llama 3.1+ params.json carries no context length: scaled rope means 128K
+            max_seq_len=int(params.get("max_seq_len", 131072 if scaling else 4096)),
             tie_embeddings=bool(params.get("tie_embeddings", False)),
             rope_scaling=scaling,
         )
