@@ -76,8 +76,6 @@ class ChatRun:
                 p = sampling_params(req, budget, logprobs, seed_offset=i)
                 p.logits_processors = [c.constraint]
                 choices.append(p)
-            if len(choices) == 1:
-                choices[0].n = 1
         self.job = Job(prompt, choices)
         self._index: dict[int, int] = {}
 
