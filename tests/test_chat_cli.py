@@ -1,0 +1,100 @@
+"""`llamaherd run` driven the way a person uses it: a real terminal, the real default model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+PROMPT = ">>> "
+BASE = [sys.executable, "-m", "llamaherd.cli", "run"]
+
+
+def spawn(max_new_tokens: int) -> pexpect.spawn:
+    # float32 weights and greedy decoding make the answers checkable
+    child = pexpect.spawn(BASE[0], BASE[1:] + ["--dtype", "float32", "--temperature", "0",
+                                               "--max-new-tokens", str(max_new_tokens)],
+                          encoding="utf-8", timeout=120, dimensions=(50, 200))
+    child.expect_exact(PROMPT)
+    return child
+
+
+@pytest.fixture
+def chat():
+    child = spawn(48)
+    yield child
+    if child.isalive():
+        child.terminate(force=True)
+
+
+@pytest.fixture
+def long_chat():
+    child = spawn(4000)
+    yield child
+    if child.isalive():
+        child.terminate(force=True)
+
+
+def ask(child: pexpect.spawn, line: str) -> str:
+    child.sendline(line)
+    child.expect_exact(PROMPT)
+    return child.before
+
+
+def answer_of(reply: str) -> str:
+    """The model's text: what the terminal showed after the echoed question."""
+    return reply.split("\r\n", 1)[1]
+
+
+def test_multi_turn_chat_with_system_reset_and_exit(chat) -> None:
+    assert "Paris" in ask(chat, "What is the capital of France?")
+    in_context = answer_of(ask(chat, "Say hello."))  # a second turn, after the first
+    assert "conversation cleared" in ask(chat, "/reset")
+    fresh = answer_of(ask(chat, "Say hello."))
+    assert in_context.strip() and fresh.strip() and in_context != fresh  # history was used
+    assert "system prompt set" in ask(chat, "/system You are a pirate. Talk like a pirate.")
+    pirate = answer_of(ask(chat, "Say hello.")).lower()
+    assert any(w in pirate for w in ("pirate", "mate", "captain", "arr", "ahoy", "ship"))
+    assert "unknown command" in ask(chat, "/nonsense")
+    chat.sendline("/exit")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+def test_ctrl_c_stops_the_answer_but_not_the_chat(long_chat) -> None:
+    chat = long_chat
+    chat.sendline("Count from 1 to 1000.")
+    chat.expect(r"\b7\b")  # tokens arrive while the answer is still being written
+    chat.sendintr()
+    chat.expect_exact("[interrupted]")
+    chat.expect_exact(PROMPT)
+    assert "Paris" in ask(chat, "/reset") + ask(chat, "What is the capital of France?")
+    chat.sendintr()  # Ctrl-C at the prompt leaves
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+def test_ctrl_d_at_the_prompt_exits(chat) -> None:
+    chat.sendeof()
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+def test_one_shot_question_with_the_default_model() -> None:
+    out = subprocess.run(BASE + ["What is the capital of France?", "--dtype", "float32",
+                                 "--temperature", "0", "--max-new-tokens", "30"],
+                         capture_output=True, text=True, timeout=180, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout and ">>>" not in out.stdout
+
+
+def test_unknown_model_path_is_one_line_error() -> None:
+    out = subprocess.run(BASE + ["./no/such/model.gguf", "hello"], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("error: ")
