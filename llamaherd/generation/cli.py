@@ -126,15 +126,17 @@ def _chat_loop(llm: Any, history: list[dict[str, str]], sampling: dict[str, Any]
             click.echo(f"unknown command {line.split()[0]}. {HELP}", err=True)
             continue
         history.append({"role": "user", "content": line})
-        events = llm.chat_events(history, **sampling)
         answer: list[str] = []
+        events: Any = None
         try:
+            events = llm.chat_events(history, **sampling)
             reason = _echo_stream(events, answer)
             click.echo()
             if reason == "length":
                 click.echo("[stopped: token limit reached]", err=True)
         except KeyboardInterrupt:
-            events.close()  # cancels the sequence
+            if events is not None:
+                events.close()  # cancels the sequence
             click.echo("\n[interrupted]", err=True)
         history.append({"role": "assistant", "content": "".join(answer)})
 
