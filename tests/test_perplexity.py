@@ -90,10 +90,12 @@ def test_eval_text_is_plain_english_of_a_few_thousand_words() -> None:
 
 
 def test_int8_stays_within_one_percent_of_float32_on_the_real_model(default_model_path) -> None:
+    # The first 1024 tokens of the evaluation text in one window: about a third of the text (the
+    # whole text takes minutes per mode); short prefixes make a noisier, harsher sample.
     llm = load(default_model_path, dtype="float32")
-    ids = llm.tokenizer.encode(eval_text(), bos=llm.tokenizer.add_bos)[:512]
-    exact = perplexity_of_ids(llm.logits, ids, window=512, stride=256)
+    ids = llm.tokenizer.encode(eval_text(), bos=llm.tokenizer.add_bos)[:1024]
+    exact = perplexity_of_ids(llm.logits, ids, window=1024, stride=512)
     assert 5 < exact < 60, exact  # a working 135M model on plain English
     quantize_model(llm.model, "int8")
-    int8 = perplexity_of_ids(llm.logits, ids, window=512, stride=256)
+    int8 = perplexity_of_ids(llm.logits, ids, window=1024, stride=512)
     assert abs(int8 / exact - 1) < 0.01, (exact, int8)

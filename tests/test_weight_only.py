@@ -9,6 +9,7 @@ from torch import nn
 
 from llamaherd.api import load
 from llamaherd.quant.weight_only import (
+    INT8_DEQUANTIZE_ROWS,
     LINEARS,
     MODES,
     Fp8Linear,
@@ -43,16 +44,19 @@ def test_quantized_weight_is_close_to_the_float_weight(mode: str) -> None:
     assert rel_err(layer.dequantize(), linear.weight) < WEIGHT_TOLERANCE[mode]
 
 
+@pytest.mark.parametrize("rows", [5, INT8_DEQUANTIZE_ROWS])  # decode and long-prompt paths
 @pytest.mark.parametrize("mode", MODES)
-def test_forward_is_the_product_with_the_dequantized_weight(mode: str) -> None:
+def test_forward_is_the_product_with_the_dequantized_weight(mode: str, rows: int) -> None:
     linear = random_linear()
     layer = LINEARS[mode].from_linear(linear)
-    x = torch.randn(2, 5, 128)
+    x = torch.randn(1, rows, 128)
     y = layer(x)
-    assert y.shape == (2, 5, 96) and y.dtype == torch.float32
-    # int8/int4 round activations to bfloat16 (relative error 2^-9 each), fp8 computes in float32.
+    assert y.shape == (1, rows, 96) and y.dtype == torch.float32
+    # The kernels round activations to bfloat16 (relative error 2^-9 each); the float32 paths
+    # (fp8, int8 on long prompts) only reorder float32 sums.
     exact = x @ layer.dequantize().T
-    assert rel_err(y, exact) < (1e-6 if mode == "fp8" else 6e-3)
+    float32_path = mode == "fp8" or (mode == "int8" and rows >= INT8_DEQUANTIZE_ROWS)
+    assert rel_err(y, exact) < (1e-6 if float32_path else 6e-3)
     assert rel_err(y, linear(x)) < WEIGHT_TOLERANCE[mode]
 
 
@@ -80,6 +84,18 @@ def test_int4_stores_half_a_byte_per_weight_in_groups_of_32() -> None:
     # Each group's extremes land on the ends of the 4-bit range.
     groups = q.view(96, 4, 32)
     assert (groups.amin(-1) == 0).all() and (groups.amax(-1) == 15).all()
+
+
+@pytest.mark.parametrize("out_features", [16, 80, 192, 208])
+def test_int4_unpacking_reads_the_kernel_layout(out_features: int) -> None:
+    layer = Int4Linear.from_linear(random_linear(out_features, 96))
+    # Independent read-back: the kernel multiplying the identity with scale 1 and zero 8 returns
+    # (q - 8) * 1 + 8 = q for every weight.
+    scale_zeros = torch.ones_like(layer.scale_zeros)
+    scale_zeros[..., 1] = 8
+    eye = torch.eye(96, dtype=torch.bfloat16)
+    q_t = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, layer.packed, 32, scale_zeros)
+    assert torch.equal(layer.unpack(), q_t.T.to(torch.int32))
 
 
 def test_int4_rejects_shapes_the_kernel_cannot_take() -> None:

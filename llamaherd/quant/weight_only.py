@@ -4,11 +4,14 @@ Each layer keeps a compressed weight and computes `x @ W^T` with activations lef
 point. quantize_model() replaces every nn.Linear of a built model by one of them (gpt-fast style:
 swap modules after building, no subclassing of the model).
 
-| mode | weight storage | forward on a CPU |
-|------|----------------|------------------|
-| int8 | int8, symmetric, one bfloat16 scale per output row | torch's int8 GEMM in bfloat16 |
-| int4 | 4 bits in groups of 32 along the input, bfloat16 scale + zero per group | torch's int4 GEMM in bfloat16 |
-| fp8  | float8_e4m3fn, one float32 scale per output row (the form Llama 3.1 405B FP8 ships) | dequantized on every call, multiplied in float32 |
+- int8: int8 weights, symmetric, one bfloat16 scale per output row; torch's int8 GEMM in
+  bfloat16 when decoding, a float32 GEMM over the converted weight for long prompts.
+- int4: 4-bit weights in groups of 32 inputs with a bfloat16 scale and zero per group; torch's
+  int4 GEMM in bfloat16 (for long prompts about 2x float32's time: unpacking the kernel's
+  4-bit layout on every call would cost more than it saves).
+- fp8: float8_e4m3fn weights with one float32 scale per output row (the form in which Llama 3.1
+  405B FP8 ships), dequantized on every call and multiplied in float32. It saves memory, not
+  time: a CPU has no fp8 arithmetic.
 
 The int8 and int4 kernels take bfloat16 activations (their float32 paths are about ten times
 slower on a CPU), so those layers round the input to bfloat16 and return the input's dtype.
@@ -25,6 +28,10 @@ from torch import nn
 from llamaherd.checkpoint import set_module
 
 INT4_GROUP_SIZE = 32  # weights per (scale, zero) pair; 32 and 64 run equally fast here
+# From this many input rows on (long prompts), Int8Linear converts its weight to float32 and
+# runs a float32 GEMM: the bfloat16 int8 kernel costs about twice float32's time per row, while
+# the conversion is paid once per call. Below it (decoding) the kernel is the fastest path.
+INT8_DEQUANTIZE_ROWS = 128
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
@@ -66,8 +73,11 @@ class Int8Linear(nn.Module):
                    torch.cat([layer.scales for layer in layers]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = _matrix(x, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)  # (rows, out)
+        x2 = _matrix(x, self.in_features)
+        if x2.shape[0] >= INT8_DEQUANTIZE_ROWS:  # converting the weight once costs little here
+            y = F.linear(x2.float(), self.weight.float()) * self.scales.float()
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
@@ -127,21 +137,14 @@ class Int4Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def unpack(self) -> torch.Tensor:
-        """The 4-bit integers as int32 (out, in), read back through the kernel itself."""
-        # With scale 1 and zero 8 the kernel computes (q - 8) + 8 = q; small integers are exact.
-        ones = torch.ones_like(self.scale_zeros)
-        ones[..., 1] = 8
-        return self._multiply_identity(ones).to(torch.int32)
+        """The 4-bit integers as int32 (out, in)."""
+        return _unpack_int4(self.packed, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
         """The weight as float32 (out, in)."""
-        return self._multiply_identity(self.scale_zeros.float())
-
-    def _multiply_identity(self, scale_zeros: torch.Tensor) -> torch.Tensor:
-        eye = torch.eye(self.in_features, dtype=scale_zeros.dtype, device=self.packed.device)
-        weight_t = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size,
-                                                              scale_zeros)  # (in, out)
-        return weight_t.float().T.contiguous()
+        q = self.unpack().view(self.out_features, -1, self.group_size).float()
+        scale, zero = self.scale_zeros.float().transpose(0, 1).unbind(-1)  # (out, groups) each
+        return ((q - 8) * scale[..., None] + zero[..., None]).view(self.out_features, -1)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -151,6 +154,19 @@ class Int4Linear(nn.Module):
 def _pack_int4(q: torch.Tensor) -> torch.Tensor:
     """int32 (out, in) values 0..15 -> uint8 (out, in / 2) in the CPU kernel's layout."""
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
+
+
+def _unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of _pack_int4, from the kernel's layout (torch 2.13; tests check it against the
+    kernel): rows go in blocks of 64, where the byte for (row j < 32, input k) holds row j in its
+    low and row 32 + j in its high nibble; leftover rows pair up as (2j low, 2j + 1 high)."""
+    out_features = packed.shape[0]
+    full = out_features // 64 * 64
+    head = packed[:full].reshape(-1, in_features, 32)  # (blocks, in, 32)
+    head = torch.cat([head & 15, head >> 4], dim=-1).transpose(1, 2).reshape(full, in_features)
+    tail = packed[full:].reshape(in_features, -1)  # (in, leftover / 2)
+    tail = torch.stack([tail & 15, tail >> 4], dim=-1).reshape(in_features, -1).T
+    return torch.cat([head, tail]).to(torch.int32)
 
 
 def e4m3_as_float16(weight: torch.Tensor) -> torch.Tensor:
