@@ -7,7 +7,13 @@ import torch
 
 from llamaherd import hub
 from llamaherd import tokenizer as tok
-from llamaherd.generation import ContextWindowError, Engine, SamplingParams, collect, generate_stream
+from llamaherd.generation import (
+    ContextWindowError,
+    Engine,
+    SamplingParams,
+    collect,
+    generate_stream,
+)
 from llamaherd.generation.testing import reference_greedy, tiny_model
 from llamaherd.model import Transformer
 
