@@ -5,6 +5,11 @@ one activation row (decode) and 512 rows (prefill), then times a whole decode st
 (30 layers x q,k,v,o,gate,up,down + output), streaming all weights as real decoding does.
 
     .venv/bin/python bench/bench_kernels.py [--threads 2]
+    .venv/bin/python bench/bench_kernels.py --threads 1 --cpu-time   # on a busy shared machine
+
+--cpu-time counts the process's CPU time instead of wall time: with one thread that is the time
+the kernels really ran, unaffected by other processes taking the cores (with several threads it
+would also count threads spinning at barriers, so it needs --threads 1).
 """
 
 from __future__ import annotations
@@ -30,15 +35,18 @@ SHAPES = [  # (label, tensor)
 LAYER_TENSORS = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
 
 
+clock = time.perf_counter
+
+
 def seconds_per_call(fn: Callable[[], object], budget: float = 0.3) -> float:
     """Median time of fn over about `budget` seconds (at least 3 calls) after one warm-up."""
     fn()
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < 3 or time.perf_counter() - start < budget:
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return sorted(times)[len(times) // 2]
 
 
@@ -84,12 +92,19 @@ def decode_step_time(tensors: dict, fused: bool) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cpu-time", action="store_true", help="time CPU use, not wall time")
     args = parser.parse_args()
+    if args.cpu_time:
+        if args.threads != 1:
+            parser.error("--cpu-time needs --threads 1")
+        global clock
+        clock = time.process_time
     torch.set_num_threads(args.threads)
     if not kernels.available():
         raise SystemExit("the GGUF kernels are not built: run `.venv/bin/python -m "
                          "llamaherd.quant.kernels`")
-    print(f"kernels: {kernels.load().simd()}, threads: {torch.get_num_threads()}")
+    print(f"kernels: {kernels.load().simd()}, threads: {torch.get_num_threads()}, "
+          f"{'CPU' if args.cpu_time else 'wall'} time")
     tensors = {t.name: t for t in GGUFReader(hub.pull("smollm2-135m-instruct")).tensors}
     shape_table(tensors)
     for fused in (False, True):
