@@ -103,11 +103,20 @@ class StepContext:
         return StepContext(pos, rot, rows, length, mask)
 
 
-def fuse_linears(linears: list[nn.Module]) -> nn.Module:
-    """One module computing the concatenated outputs of several projections of the same input."""
-    first = linears[0]
-    if hasattr(type(first), "concat"):  # packed quantized layers know how to join themselves
-        return type(first).concat(linears)
+def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
+    """One module computing the concatenated outputs of several projections of the same input,
+    or None when they cannot be joined (e.g. packed weights of different quantization types)."""
+    kinds = {type(lin) for lin in linears}
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    if hasattr(kind, "concat"):  # packed quantized layers know how to join themselves
+        try:
+            return kind.concat(linears)
+        except ValueError:
+            return None
+    if kind is not nn.Linear:
+        return None
     weight = torch.cat([lin.weight for lin in linears], dim=0)
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     fused.weight = nn.Parameter(weight, requires_grad=False)
@@ -145,7 +154,8 @@ class Attention(nn.Module):
     def fuse(self) -> None:
         """Replace wq, wk, wv by one projection (one matrix call instead of three)."""
         self.wqkv = fuse_linears([self.wq, self.wk, self.wv])
-        del self.wq, self.wk, self.wv
+        if self.wqkv is not None:
+            del self.wq, self.wk, self.wv
 
 
 class FeedForward(nn.Module):
@@ -165,7 +175,8 @@ class FeedForward(nn.Module):
     def fuse(self) -> None:
         """Replace w1 and w3 by one projection."""
         self.w13 = fuse_linears([self.w1, self.w3])
-        del self.w1, self.w3
+        if self.w13 is not None:
+            del self.w1, self.w3
 
 
 class Block(nn.Module):
