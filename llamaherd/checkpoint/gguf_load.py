@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -80,7 +81,9 @@ def _packed_modules(internal: str, t: GGUFTensor, args: ModelArgs) -> dict[str, 
     from llamaherd.quant.gguf_linear import GGUFEmbedding, GGUFLinear
 
     module_name = internal.removesuffix(".weight")
-    data = torch.from_numpy(t.data)
+    with warnings.catch_warnings():  # the read-only memory map is only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        data = torch.from_numpy(t.data)
     out_f, in_f = t.shape
     if module_name == "tok_embeddings":
         embedding = GGUFEmbedding(data, t.qtype, in_f, out_f)
