@@ -11,3 +11,5 @@ flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=
        -DGGML_AVX512_BF16=ON)
 CMAKE_ARGS="${flags[*]}" nice -n 10 .venv/bin/pip install --force-reinstall --no-deps --no-cache-dir \
   --no-binary llama-cpp-python llama-cpp-python==0.3.36
+# What --no-deps left out: the binding's own needs and its OpenAI server's (bench/bench_serve.py).
+.venv/bin/pip install -q diskcache sse-starlette starlette-context pydantic-settings
