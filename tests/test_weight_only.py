@@ -12,6 +12,7 @@ from llamaherd.quant.weight_only import (
     INT8_DEQUANTIZE_ROWS,
     LINEARS,
     MODES,
+    OUTPUT_MODE,
     Fp8Linear,
     Int4Linear,
     Int8Linear,
@@ -156,11 +157,18 @@ def test_quantize_model_replaces_every_linear_and_keeps_logits_close(mode: str) 
         assert quantize_model(model, mode) is model
         got = model(tokens)
     assert linear_names(model, nn.Linear) == set()
-    assert linear_names(model, LINEARS[mode]) == names
+    assert linear_names(model, LINEARS[mode]) | {"output"} == names
+    assert isinstance(model.output, LINEARS[OUTPUT_MODE[mode]])
     assert isinstance(model.tok_embeddings, nn.Embedding)
     assert rel_err(got, expected) < 2 * WEIGHT_TOLERANCE[mode]
     # The same greedy next token almost everywhere.
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.75
+
+
+def test_int4_gives_the_output_projection_int8() -> None:
+    model = quantize_model(tiny_model(), "int4")
+    assert isinstance(model.layers[0].feed_forward.w2, Int4Linear)
+    assert isinstance(model.output, Int8Linear)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -188,14 +196,15 @@ def test_fused_quantized_layers_compute_what_separate_ones_do(mode: str) -> None
     assert torch.allclose(after, before, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode, copied", [("int8", True), ("int4", True), ("fp8", False)])
-def test_tied_output_gets_a_quantized_copy_only_where_faster(mode: str, copied: bool) -> None:
+@pytest.mark.parametrize("mode, copy", [("int8", Int8Linear), ("int4", Int8Linear), ("fp8", None)])
+def test_tied_output_gets_a_quantized_copy_only_where_faster(mode: str, copy: type | None) -> None:
     model = tiny_model(tied=True)
     embedding = model.tok_embeddings.weight.detach().clone()
     quantize_model(model, mode)
-    assert isinstance(model.output, LINEARS[mode]) == copied
-    if not copied:
+    if copy is None:
         assert model.output.weight is model.tok_embeddings.weight
+    else:
+        assert isinstance(model.output, copy)
     assert torch.equal(model.tok_embeddings.weight, embedding)  # the embedding stays float
 
 

@@ -8,7 +8,7 @@ swap modules after building, no subclassing of the model).
   bfloat16 when decoding, a float32 GEMM over the converted weight for long prompts.
 - int4: 4-bit weights in groups of 32 inputs with a bfloat16 scale and zero per group; torch's
   int4 GEMM in bfloat16 (for long prompts about 2x float32's time: unpacking the kernel's
-  4-bit layout on every call would cost more than it saves).
+  4-bit layout on every call would cost more than it saves). The output projection gets int8.
 - fp8: float8_e4m3fn weights with one float32 scale per output row (the form in which Llama 3.1
   405B FP8 ships), dequantized on every call and multiplied in float32. It saves memory, not
   time: a CPU has no fp8 arithmetic.
@@ -222,11 +222,15 @@ class Fp8Linear(nn.Module):
 LINEARS: dict[str, type[nn.Module]] = {"int8": Int8Linear, "int4": Int4Linear, "fp8": Fp8Linear}
 MODES = tuple(LINEARS)
 
-# Whether a tied output projection gets its own quantized copy. The output projection is the
-# largest matrix of a small model (49152 x 576 in SmolLM2-135M), and int8/int4 kernels multiply
-# it about 3x faster than float32 does, so a copy pays for its memory. fp8 dequantizes on every
-# call, which is slower than the float32 matrix it would replace, so tied weights stay float there.
-QUANTIZE_TIED_OUTPUT = {"int8": True, "int4": True, "fp8": False}
+# The output projection (Transformer.output) makes the logits, the part most sensitive to weight
+# error, and in a small model it is the largest matrix (49152 x 576 in SmolLM2-135M). int4 gives
+# it int8 instead, as llama.cpp's 4-bit mixes keep output.weight at 6 to 8 bits: on SmolLM2-135M
+# an int4 output alone costs about 5% perplexity, an int8 one about 0.2%.
+OUTPUT_MODE = {"int8": "int8", "int4": "int8", "fp8": "fp8"}
+# A tied output projection shares the (float) embedding's weight, so quantizing it means a copy.
+# int8 kernels multiply it about 3x faster than float32, so the copy pays for its memory; fp8
+# dequantizes on every call, slower than the float32 matrix it would replace, so it stays float.
+TIED_OUTPUT_MODE: dict[str, str | None] = {"int8": "int8", "int4": "int8", "fp8": None}
 
 
 def check_mode(mode: str) -> str:
@@ -239,16 +243,20 @@ def check_mode(mode: str) -> str:
 def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     """Replace every nn.Linear in `model` by its `mode` ("int8", "int4" or "fp8") quantized form.
 
-    Embeddings stay float. A linear layer whose weight is an embedding's (tied output) gets a
-    quantized copy when QUANTIZE_TIED_OUTPUT[mode] says that is faster, and is left as is
-    otherwise. Works before or after fuse_projections(). Returns `model`, changed in place.
+    Embeddings stay float. The output projection (the module named "output") follows
+    OUTPUT_MODE, or TIED_OUTPUT_MODE when its weight is an embedding's (None: left as is). Works
+    before or after fuse_projections(). Returns `model`, changed in place.
     """
-    cls = LINEARS[check_mode(mode)]
+    check_mode(mode)
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        if id(module.weight) in embedding_weights and not QUANTIZE_TIED_OUTPUT[mode]:
-            continue
-        set_module(model, name, cls.from_linear(module))
+        target: str | None = mode
+        if id(module.weight) in embedding_weights:
+            target = TIED_OUTPUT_MODE[mode]
+        elif name == "output":
+            target = OUTPUT_MODE[mode]
+        if target is not None:
+            set_module(model, name, LINEARS[target].from_linear(module))
     return model
