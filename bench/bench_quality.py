@@ -9,7 +9,8 @@ and writes bench/results/quality.json.
 
 Perplexity: llamaherd.eval.perplexity on llamaherd/eval/data/eval_text.txt (windows of 512
 tokens every 256). Decode: 64 greedy tokens, batch 1, through the KV cache after a 32-token
-prompt, median of --runs timed runs.
+prompt, median of --runs timed runs. On a machine shared with other jobs use --threads 1: two
+OpenMP threads that lose their cores make per-token times swing by an order of magnitude.
 """
 
 from __future__ import annotations
