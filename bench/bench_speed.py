@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -49,7 +50,7 @@ def run_llamaherd(path: str, threads: int, mode: str) -> dict[str, float]:
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    import llamaherd.api as api
+    from llamaherd import api
 
     llm = api.load(path, dtype=None if mode == "native" else mode)
     load_s = time.perf_counter() - t0
@@ -147,7 +148,7 @@ def _child(engine: str, path: str, threads: int, mode: str) -> None:
 def _measure(engine: str, path: str, threads: int, mode: str, runs: int) -> dict | None:
     samples = []
     for _ in range(runs):
-        proc = subprocess.run([sys.executable, __file__, "--child", engine, "--path", path,
+        proc = subprocess.run(check=False, args=[sys.executable, __file__, "--child", engine, "--path", path,
                                "--threads", str(threads), "--mode", mode],
                               capture_output=True, text=True)
         if proc.returncode != 0:
@@ -194,7 +195,7 @@ def report(results: dict[str, dict], a: argparse.Namespace, path: str) -> None:
         for c in cols:
             v = r[c]
             ratio = ""
-            if ref and engine != "llama.cpp" and ref[c] == ref[c] and v == v and ref[c]:
+            if ref and engine != "llama.cpp" and not math.isnan(ref[c] + v) and ref[c]:
                 x = (ref[c] / v) if c in ("load_s", "peak_rss_mb") else (v / ref[c])
                 ratio = f" ({x:.2f}x)"
             cells.append(f"{v:9.2f}{ratio:>8s}")

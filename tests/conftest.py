@@ -14,7 +14,20 @@ from llamaherd.model import Transformer
 
 torch.set_num_threads(2)
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+def _find_fixtures() -> Path:
+    """The project's shared fixtures (real vocabulary GGUFs): $LLAMAHERD_FIXTURES, else the
+    `shared/fixtures` folder beside the checkout (or beside any folder above it)."""
+    import os
+
+    if os.environ.get("LLAMAHERD_FIXTURES"):
+        return Path(os.environ["LLAMAHERD_FIXTURES"])
+    for parent in Path(__file__).resolve().parents[1:]:
+        if (parent / "shared" / "fixtures").is_dir():
+            return parent / "shared" / "fixtures"
+    return Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+FIXTURES = _find_fixtures()
 
 # dim 64, 2 layers, 4 heads of 16, 2 kv heads (GQA), vocab 256; rows fill Q8_0 blocks of 32.
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=192,

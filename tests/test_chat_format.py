@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 
 import pytest
+from conftest import FIXTURES
 
 from llamaherd import hub
 from llamaherd.tokenizer import (
@@ -18,8 +18,6 @@ from llamaherd.tokenizer import (
 )
 from llamaherd.tokenizer.llama_formats import Llama2ChatFormat, Llama3ChatFormat
 from llamaherd.tokenizer.templates import JinjaChatFormat
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 # Hand-checked Llama 3 ids: 128000 <|begin_of_text|>, 128006/128007 header delimiters,
 # 9125 system, 882 user, 78191 assistant, 271 "\n\n", 128009 <|eot_id|>, 128008 <|eom_id|>,

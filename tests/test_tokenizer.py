@@ -6,11 +6,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURES
 
 from llamaherd import hub
 from llamaherd.tokenizer import Tokenizer, TokenizerError, load
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 LLAMA3_GGUF = FIXTURES / "ggml-vocab-llama-bpe.gguf"
 LLAMA2_GGUF = FIXTURES / "ggml-vocab-llama-spm.gguf"
 

@@ -7,11 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURES
 
 from llamaherd import hub
 from llamaherd.tokenizer import Tokenizer, load
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 CORPUS: list[str] = json.loads(
     (Path(__file__).parent / "data" / "tokenizer_corpus.json").read_text(encoding="utf-8"))["strings"]
 # The Llama 3 pre-tokenizer exactly as SPECS.md §3 writes it, kept apart from the package's copy.

@@ -7,14 +7,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from llamaherd.checkpoint.errors import CheckpointError
 from llamaherd.config import ModelArgs
 from llamaherd.model import Transformer, rope_frequencies
 
-__all__ = ["CheckpointError", "Checkpoint", "load_checkpoint", "detect_format",
-           "build_model", "check_shapes", "set_module"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "build_model",
+    "check_shapes",
+    "detect_format",
+    "load_checkpoint",
+    "set_module",
+]
 
 
 @dataclass
@@ -104,7 +111,7 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None) -> Ch
         from llamaherd.checkpoint.gguf_load import load_gguf
 
         if path.is_dir():
-            path = sorted(path.glob("*.gguf"))[0]
+            path = min(path.glob("*.gguf"))
         return load_gguf(path, dtype=dtype)
     if fmt == "hf":
         from llamaherd.checkpoint.hf import load_hf

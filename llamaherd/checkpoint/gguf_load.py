@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from llamaherd.checkpoint import Checkpoint, build_model
 from llamaherd.checkpoint.errors import CheckpointError
