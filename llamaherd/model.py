@@ -196,7 +196,10 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        weight = torch.empty(args.vocab_size, args.dim)
+        if weight.device.type != "meta":  # on the meta device (loaders) there is nothing to fill,
+            nn.init.normal_(weight)        # and its normal_ costs a second of imports
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=weight)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)

@@ -95,7 +95,9 @@ class GGUFLinear(nn.Module):
                                 first.qtype_id)]
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
-        fused._setup(torch.cat(datas), first.qtype, first.in_features,
+        # numpy's single-threaded memcpy: torch.cat of uint8 with 2 threads is ~20x slower here
+        joined = torch.from_numpy(np.concatenate([d.numpy() for d in datas]))
+        fused._setup(joined, first.qtype, first.in_features,
                      sum(layer.out_features for layer in layers), first.packed)
         return fused
 
