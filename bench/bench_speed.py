@@ -46,35 +46,36 @@ def _prefill_ids() -> list[int]:
 # ---------------------------------------------------------------- one engine per subprocess
 
 def run_llamaherd(path: str, threads: int, mode: str) -> dict[str, float]:
+    """Through the same engine that serves LLM.generate, the CLI and the server."""
     import torch
 
-    torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    from llamaherd import api
+    import llamaherd
+    from llamaherd.generation.engine import Engine
+    from llamaherd.generation.sampling import SamplingParams
 
-    llm = api.load(path, dtype=None if mode == "native" else mode)
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()  # like llama.cpp's figure: the load call, imports done before
+    llm = llamaherd.load(path, dtype=None if mode == "native" else mode)
     load_s = time.perf_counter() - t0
     model = llm.model
+    greedy = SamplingParams(max_new_tokens=DECODE_LEN, temperature=0.0, ignore_eos=True)
     with torch.inference_mode():
-        ids = torch.tensor([_prefill_ids()])
-        model.setup_cache(BATCH, PREFILL_LEN + DECODE_LEN + 64)
-        model(ids[:, :16], torch.arange(16)[None], output_index=torch.tensor([15]))  # warm-up
+        ids = _prefill_ids()
+        model.setup_cache(1, PREFILL_LEN + 1)
+        model(torch.tensor([ids[:16]]), output_index=torch.tensor([15]))  # warm-up
         t0 = time.perf_counter()
-        model(ids, torch.arange(PREFILL_LEN)[None], output_index=torch.tensor([PREFILL_LEN - 1]))
+        model(torch.tensor([ids]), output_index=torch.tensor([PREFILL_LEN - 1]))
         prefill = PREFILL_LEN / (time.perf_counter() - t0)
 
         def decode(batch: int) -> float:
-            prompt = torch.tensor([CHAT_PROMPT] * batch)
-            n = prompt.shape[1]
-            pos = torch.arange(n).expand(batch, n)
-            last = torch.full((batch,), n - 1)
-            tok = model(prompt, pos, output_index=last).argmax(-1)
-            t0 = time.perf_counter()
-            for i in range(DECODE_LEN):
-                p = torch.full((batch, 1), n + i)
-                tok = model(tok[:, None], p, output_index=torch.zeros(batch, dtype=torch.long))
-                tok = tok.argmax(-1)
-            return batch * DECODE_LEN / (time.perf_counter() - t0)
+            engine = Engine(model, llm.tokenizer, rows=batch, max_len=len(CHAT_PROMPT) + DECODE_LEN + 8)
+            for _ in range(batch):
+                engine.add(CHAT_PROMPT, greedy)
+            engine.step()  # prefill and the first token of every sequence
+            t0, produced = time.perf_counter(), 0
+            while not engine.idle:
+                produced += len(engine.step())
+            return produced / (time.perf_counter() - t0)
 
         decode1 = decode(1)
         decode8 = decode(BATCH)

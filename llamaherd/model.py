@@ -32,7 +32,8 @@ class RMSNorm(nn.Module):
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
     """Rotation frequency of each dimension pair, with Llama 3.1 long-context scaling if given."""
     # float32 throughout, as Meta's and Hugging Face's code compute it, so logits agree bit-closely
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    # computed on the CPU even while a model is built on the meta device (values are needed)
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device="cpu").float() / head_dim))
     if scaling is None:
         return freqs
     low_wl = scaling.original_context / scaling.low_freq_factor
