@@ -90,7 +90,8 @@ def decode_tok_s(model: torch.nn.Module, prompt: list[int], runs: int) -> float:
 def run_mode(model_name: str, mode: str, text: str, runs: int) -> dict[str, object]:
     t0 = time.perf_counter()
     llm = load_mode(model_name, mode)
-    llm.model.fuse_projections()
+    if llm.model.layers[0].attention.wqkv is None:  # the packed GGUF load fuses by itself
+        llm.model.fuse_projections()
     load_s = time.perf_counter() - t0
     row: dict[str, object] = {"mode": mode, "load_s": round(load_s, 2),
                               "weights_mb": round(weight_mb(llm.model), 1)}
