@@ -112,6 +112,20 @@ def test_cli_generate_json(tmp_path) -> None:
     assert data["usage"]["completion_tokens"] == 6 and data["usage"]["prompt_tokens"] == 5
 
 
+def test_cli_generate_with_weight_only_quantization() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "llamaherd.cli", "generate", "smollm2-135m-instruct",
+         "The capital of France is", "--json", "--temperature", "0", "--max-new-tokens", "4",
+         "--quant", "int8"],
+        capture_output=True, text=True, timeout=180, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in json.loads(out.stdout)["text"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "llamaherd.cli", "generate", "smollm2-135m-instruct", "Hi",
+         "--quant", "int3"], capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 2 and "int3" in bad.stderr
+
+
 def test_cli_reports_context_overflow_in_one_line() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "llamaherd.cli", "generate", "smollm2-135m-instruct",

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
+
 from llamaherd.generation.engine import Engine
 from llamaherd.generation.sampling import SamplingParams
 from llamaherd.generation.sequence import Event, Sequence
@@ -59,8 +61,13 @@ class Scheduler:
     """Owns an Engine and the thread that steps it."""
 
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, max_queue: int = 64,
-                 report: Callable[[int, int, int], None] | None = None) -> None:
+                 report: Callable[[int, int, int], None] | None = None,
+                 threads: int | None = None) -> None:
         self.engine = engine
+        # torch threads for the engine thread. The caller should keep its own thread at 1: two
+        # threads each leading a team of OpenMP workers oversubscribe the cores, and the
+        # workers then stop spinning between parallel regions, halving decode speed.
+        self.threads = threads
         self.loop = loop
         self.max_seqs = engine.rows
         self.max_queue = max_queue
@@ -121,6 +128,8 @@ class Scheduler:
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         while True:
             with self._cv:
                 while not (self._stopping or self._waiting or self._cancelled

@@ -36,6 +36,8 @@ def sampling_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Drop the oldest prompt tokens when the prompt overflows the window."),
         click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
                      default=None, help="Dequantize weights to this type (default: fastest)."),
+        click.option("--quant", type=click.Choice(["int8", "int4", "fp8"]), default=None,
+                     help="Weight-only quantization of float weights at load time."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -58,11 +60,11 @@ def _is_model(name: str) -> bool:
     return name in hub.REGISTRY or Path(name).expanduser().exists()
 
 
-def _load(model: str, dtype: str | None) -> tuple[Any, float]:
+def _load(model: str, dtype: str | None, quant: str | None = None) -> tuple[Any, float]:
     from llamaherd.api import load
 
     t0 = time.perf_counter()
-    llm = load(model, dtype=dtype)
+    llm = load(model, dtype=dtype, quant=quant)
     return llm, time.perf_counter() - t0
 
 
@@ -87,7 +89,7 @@ def run(model: str | None, question: str | None, system: str | None, **opts: Any
     """Chat with MODEL (default smollm2-135m-instruct); with QUESTION, answer it and exit."""
     if model is not None and question is None and not _is_model(model):
         model, question = None, model  # one argument that is not a model: the question
-    llm, _ = _load(model or DEFAULT_MODEL, opts.pop("dtype"))
+    llm, _ = _load(model or DEFAULT_MODEL, opts.pop("dtype"), opts.pop("quant"))
     sampling = to_sampling(opts)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     if question is not None:
@@ -159,7 +161,7 @@ def generate(model: str, prompt: str, as_json: bool, draft: str | None, draft_k:
     from llamaherd.generation.generate import to_token_ids
 
     dtype = opts.pop("dtype")
-    llm, load_s = _load(model, dtype)
+    llm, load_s = _load(model, dtype, opts.pop("quant"))
     draft_model = None if draft in (None, "ngram") else _load(draft, dtype)[0]
     ids = to_token_ids(llm.tokenizer, prompt).ids
     t0 = time.perf_counter()

@@ -109,9 +109,11 @@ class CountRequests:
 
 
 def create_app(llm: Any, model_id: str, *, max_seqs: int = 8, max_queue: int = 64,
-               context: int = 2048, max_body: int = 4 << 20) -> FastAPI:
+               context: int = 2048, max_body: int = 4 << 20,
+               threads: int | None = None) -> FastAPI:
     """An app serving `llm` (a llamaherd.api.LLM) as `model_id`.
 
+    threads: torch threads of the engine thread (None: leave torch's setting).
     max_seqs: sequences generated together (KV-cache rows); max_queue: requests allowed to wait
     for a row (beyond it: 429); context: tokens per sequence, prompt plus answer.
     """
@@ -121,7 +123,8 @@ def create_app(llm: Any, model_id: str, *, max_seqs: int = 8, max_queue: int = 6
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
         engine = Engine(llm.model, llm.tokenizer, rows=max_seqs, max_len=context)
-        scheduler = Scheduler(engine, asyncio.get_running_loop(), max_queue, metrics.report)
+        scheduler = Scheduler(engine, asyncio.get_running_loop(), max_queue, metrics.report,
+                              threads=threads)
         guidance = Guidance(llm.tokenizer, llm.args.vocab_size)
         app.state.server = ServerState(llm, model_id, context, scheduler, guidance, metrics,
                                        TokenText(llm.tokenizer), chat_format(llm.tokenizer),

@@ -22,9 +22,12 @@ from llamaherd.hub import DEFAULT_MODEL
 @click.option("--threads", default=None, type=click.IntRange(1, 1024),
               help="torch CPU threads (default: torch's choice).")
 @click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: fastest).")
+@click.option("--quant", type=click.Choice(["int8", "int4", "fp8"]), default=None,
+              help="Weight-only quantization of float weights at load time.")
 @_friendly
 def serve(model: str, host: str, port: int, max_seqs: int, max_queue: int, ctx_size: int,
-          model_id: str | None, threads: int | None, dtype: str | None) -> None:
+          model_id: str | None, threads: int | None, dtype: str | None,
+          quant: str | None) -> None:
     """Serve MODEL behind an OpenAI-compatible API, with a web chat page at /."""
     import torch
     import uvicorn
@@ -33,13 +36,16 @@ def serve(model: str, host: str, port: int, max_seqs: int, max_queue: int, ctx_s
     from llamaherd.serve.app import create_app
 
     _check_listen(host, port)  # before the model loads, so a busy port fails at once
-    if threads is not None:
-        torch.set_num_threads(threads)
-    llm = load(model, dtype=dtype)
+    # The engine thread does the model's work with `threads` threads; this one keeps to one, so
+    # that only one OpenMP team competes for the cores (see Scheduler).
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(1)
+    llm = load(model, dtype=dtype, quant=quant)
     if model_id is None:
         model_id = model if "/" not in model and not model.endswith(".gguf") else \
             llm.checkpoint.path.stem
-    app = create_app(llm, model_id, max_seqs=max_seqs, max_queue=max_queue, context=ctx_size)
+    app = create_app(llm, model_id, max_seqs=max_seqs, max_queue=max_queue, context=ctx_size,
+                     threads=threads)
     click.echo(f"serving {model_id} on http://{host}:{port}/  (OpenAI API at /v1)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
 
