@@ -111,7 +111,8 @@ def hf_tied_but_different(tmp: Path) -> tuple[Path, str]:
     save_hf(model.state_dict(), TINY, tmp / "hf")
     config = json.loads((tmp / "hf" / "config.json").read_text())
     (tmp / "hf" / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
-    return tmp / "hf", "tie_word_embeddings is true but lm_head differs from embed_tokens"
+    return tmp / "hf", ("the config ties the embeddings but the output projection differs from "
+                        "the token embedding")
 
 
 def hf_missing_shard(tmp: Path) -> tuple[Path, str]:

@@ -97,6 +97,21 @@ def check_shapes(args: ModelArgs, shapes: dict[str, tuple[int, ...]], path: Path
                                     + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
 
 
+def resolve_tied(state: dict[str, torch.Tensor], args: ModelArgs, config: Path) -> ModelArgs:
+    """Embeddings are tied when the output projection is absent, or is a copy of the embedding
+    while the config says tied (the copy is then dropped). A config that claims tied weights
+    over a different output projection is an error naming `config`."""
+    embedding, output = state.get("tok_embeddings.weight"), state.get("output.weight")
+    tied = output is None or (args.tie_embeddings and embedding is not None
+                              and torch.equal(output, embedding))
+    if args.tie_embeddings and not tied:
+        raise CheckpointError(config, "the config ties the embeddings but the output projection "
+                                      "differs from the token embedding")
+    if tied:
+        state.pop("output.weight", None)
+    return args.replace(tie_embeddings=tied)
+
+
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from llamaherd.checkpoint import Checkpoint, build_model
+from llamaherd.checkpoint import Checkpoint, build_model, resolve_tied
 from llamaherd.checkpoint.errors import CheckpointError
 from llamaherd.checkpoint.keymaps import (
     IGNORED,
@@ -104,16 +104,7 @@ def load_hf(path: Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
                                                     "rows")
                     t = hf_to_meta_rows(t, heads)
                 state[internal] = t.to(dtype)
-    # Tied embeddings: lm_head absent, or present as a copy that equals the embedding.
-    embedding, lm_head = state.get("tok_embeddings.weight"), state.get("output.weight")
-    tied = lm_head is None or (args.tie_embeddings and embedding is not None
-                               and torch.equal(lm_head, embedding))
-    if args.tie_embeddings and not tied:
-        raise CheckpointError(path / "config.json", "tie_word_embeddings is true but lm_head "
-                                                    "differs from embed_tokens")
-    if tied:
-        state.pop("output.weight", None)
-    args = args.replace(tie_embeddings=tied)
+    args = resolve_tied(state, args, path / "config.json")
     model = build_model(args, state, path)
     return Checkpoint(model, args, "hf", path, cfg, dict(types))
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from llamaherd.checkpoint import Checkpoint, build_model
+from llamaherd.checkpoint import Checkpoint, build_model, resolve_tied
 from llamaherd.checkpoint.errors import CheckpointError
 from llamaherd.checkpoint.keymaps import IGNORED
 from llamaherd.config import ModelArgs
@@ -123,15 +123,7 @@ def load_meta(path: Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
     if "tok_embeddings.weight" not in state:
         raise CheckpointError(files[0], "missing tensor tok_embeddings.weight")
     args = args_from_params(path, params, state["tok_embeddings.weight"].shape[0])
-    output = state.get("output.weight")
-    tied = output is None or (args.tie_embeddings
-                              and torch.equal(output, state["tok_embeddings.weight"]))
-    if args.tie_embeddings and not tied:
-        raise CheckpointError(path / "params.json", "tie_embeddings is true but output.weight "
-                                                    "differs from tok_embeddings.weight")
-    if tied:
-        state.pop("output.weight", None)
-    args = args.replace(tie_embeddings=tied)
+    args = resolve_tied(state, args, path / "params.json")
     model = build_model(args, state, path)
     return Checkpoint(model, args, "meta", path, params, dict(types))
 
