@@ -65,20 +65,22 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, rows: torch.Tensor | None, pos: torch.Tensor, k: torch.Tensor,
+    def update(self, rows: torch.Tensor | slice | None, pos: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv, T, D) at positions pos (B, T); return the first `length` slots."""
+        """Write k, v (B, n_kv, T, D) at positions pos (B, T) of cache rows `rows` (None: 0..B-1);
+        return those rows' first `length` positions (a view unless rows is a tensor)."""
         B, T = pos.shape
-        if rows is None and T == 1 and B == 1:
-            p = int(pos[0, 0])
-            self.k[:1, :, p] = k[:, :, 0]
-            self.v[:1, :, p] = v[:, :, 0]
-        else:
-            r = (torch.arange(B, device=pos.device) if rows is None else rows)[:, None]
-            self.k[r, :, pos] = k.transpose(1, 2)  # indexed view is (B, T, n_kv, D)
-            self.v[r, :, pos] = v.transpose(1, 2)
         if rows is None:
-            return self.k[:B, :, :length], self.v[:B, :, :length]
+            rows = slice(0, B)
+        if isinstance(rows, slice) and T == 1 and B == 1:
+            p = int(pos[0, 0])
+            self.k[rows, :, p] = k[:, :, 0]
+            self.v[rows, :, p] = v[:, :, 0]
+        else:
+            r = rows if isinstance(rows, torch.Tensor) else torch.arange(
+                rows.start, rows.stop, device=pos.device)
+            self.k[r[:, None], :, pos] = k.transpose(1, 2)  # indexed view is (B, T, n_kv, D)
+            self.v[r[:, None], :, pos] = v.transpose(1, 2)
         return self.k[rows, :, :length], self.v[rows, :, :length]
 
 
@@ -88,12 +90,16 @@ class StepContext:
 
     pos: torch.Tensor  # (B, T) position of each token
     rot: torch.Tensor  # (B, T, 1, D/2) complex rotations for those positions
-    rows: torch.Tensor | None  # (B,) cache row of each batch row; None means 0..B-1
+    rows: torch.Tensor | slice | None  # (B,) cache row of each batch row (a slice when they are
+    # consecutive); None means 0..B-1
     length: int  # cached positions any query can see: max(pos) + 1
     mask: torch.Tensor | None  # (B, 1, T, length) True where a query may attend; None = all
 
     @staticmethod
     def make(pos: torch.Tensor, rows: torch.Tensor | None, freqs: torch.Tensor) -> StepContext:
+        if rows is not None and rows.numel() and bool((rows == rows[0] + torch.arange(
+                rows.numel(), device=rows.device)).all()):
+            rows = slice(int(rows[0]), int(rows[0]) + rows.numel())  # a view, not a gather
         angles = pos[..., None].float() * freqs  # (B, T, D/2)
         rot = torch.polar(torch.ones_like(angles), angles)[:, :, None]
         B, T = pos.shape

@@ -131,6 +131,19 @@ def test_same_seed_same_draws_different_seed_different_draws() -> None:
     assert draws(params, seed=7, n=50) != draws(params, seed=8, n=50)
 
 
+def test_draws_follow_the_filtered_distribution() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = torch.log(probs.clamp_min(1e-30))
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = torch.bincount(torch.tensor([sample(logits, SamplingParams(temperature=1.0), gen)
+                                          for _ in range(n)]), minlength=5)
+    assert (counts.float() / n - probs).abs().max() < 0.015  # ~4 standard errors at n=20000
+    assert counts[4] == 0
+    kept = {sample(logits, SamplingParams(temperature=1.0, top_k=2), gen) for _ in range(2000)}
+    assert kept == {0, 1}  # filtered tokens are never drawn
+
+
 def test_token_logprob_is_log_softmax_with_sorted_alternatives() -> None:
     info = token_logprob(LOGITS, 2, 3)
     logp = torch.log_softmax(LOGITS, -1)

@@ -201,7 +201,8 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
         """One event per sequence from its logits row; a single argmax covers the greedy rows."""
-        argmax = logits.argmax(-1).tolist()
+        greedy_rows = [i for i, s in enumerate(seqs) if not s.needs_full_sampling]
+        argmax = logits.argmax(-1).tolist() if greedy_rows else []
         events = []
         for i, s in enumerate(seqs):
             if s.needs_full_sampling:

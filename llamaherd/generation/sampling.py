@@ -140,7 +140,15 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     if params.greedy:
         return int(torch.argmax(logits))
     probs = filtered_logits(logits, params).softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    # Inverse-CDF draw: one uniform number and a binary search. (torch.multinomial draws an
+    # exponential per vocabulary entry: ~0.85 ms for 49k entries here, more than a decode step's
+    # share.) With right=True a token of probability 0 is never chosen.
+    cdf = probs.float().cumsum(0)
+    u = torch.rand(1, generator=generator, dtype=cdf.dtype) * cdf[-1]
+    token = int(torch.searchsorted(cdf, u, right=True))
+    if token >= cdf.numel():  # u rounded up to the total: the last token that can be chosen
+        token = int(probs.nonzero()[-1])
+    return token
 
 
 @dataclass
