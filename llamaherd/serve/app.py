@@ -168,21 +168,19 @@ def create_app(llm: Any, model_id: str, *, max_seqs: int = 8, max_queue: int = 6
         s.check_model(model)
         return model_card(s)
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatCompletionRequest, request: Request) -> Any:
-        run = ChatRun(server(request), body)
-        if body.stream:
+    async def respond(run: ChatRun | CompletionRun, stream: bool, request: Request) -> Any:
+        if stream:
             return StreamingResponse(await run.stream(), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
         return JSONResponse(await run.complete(request))
 
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(body: ChatCompletionRequest, request: Request) -> Any:
+        return await respond(ChatRun(server(request), body), bool(body.stream), request)
+
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        run = CompletionRun(server(request), body)
-        if body.stream:
-            return StreamingResponse(await run.stream(), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
-        return JSONResponse(await run.complete(request))
+        return await respond(CompletionRun(server(request), body), bool(body.stream), request)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
