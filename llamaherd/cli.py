@@ -86,7 +86,7 @@ def info(model: str) -> None:
 @click.argument("dst")
 @click.option("--to", "fmt", type=click.Choice(["hf", "gguf", "meta"]), required=True)
 @click.option("--type", "qtype", default="F32", show_default=True,
-              help="GGUF tensor type for weight matrices: F32, F16 or Q8_0.")
+              help="GGUF tensor type for weight matrices: F32, F16, BF16, Q8_0, Q4_1 or Q4_0.")
 @_friendly
 def convert(src: str, dst: str, fmt: str, qtype: str) -> None:
     """Convert a checkpoint between GGUF, Hugging Face and Meta layouts."""

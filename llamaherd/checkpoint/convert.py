@@ -25,7 +25,10 @@ FORMATS = ("hf", "meta", "gguf")
 WEIGHT_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
     "F32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
     "F16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+    "BF16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
     "Q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "Q4_1": (GGMLQuantizationType.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+    "Q4_0": (GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
 }
 # Tokenizer files of HF and Meta directories, copied unchanged between them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -1,0 +1,80 @@
+"""Every GGUF tensor type the loader reads, on the exact float32 path and on the packed path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFWriter
+from gguf.quants import dequantize as gguf_dequantize
+
+from conftest import TINY, make_tiny_model
+from llamaherd.checkpoint import load_checkpoint
+from llamaherd.checkpoint.convert import write_gguf
+from llamaherd.checkpoint.gguf import read_gguf
+from llamaherd.checkpoint.keymaps import from_internal
+from test_quant_kernels import random_weights
+
+WIDE = TINY.replace(dim=256, n_heads=4, n_kv_heads=2, hidden_dim=512, head_dim=64)  # 256-blocks
+
+
+def _logits(path: Path, dtype: torch.dtype | None) -> torch.Tensor:
+    with torch.inference_mode():
+        return load_checkpoint(path, dtype=dtype).model(torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]]))
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(),
+                                                 dim=0).item()
+
+
+@pytest.mark.parametrize("weight_type", ["F16", "BF16", "Q8_0", "Q4_1", "Q4_0"])
+def test_written_types_load_on_both_paths(tmp_path: Path, weight_type: str) -> None:
+    model = make_tiny_model(TINY)
+    path = write_gguf(model, tmp_path / "m.gguf", weight_type=weight_type)
+    f = read_gguf(path)
+    assert f.tensors["blk.0.attn_q.weight"].qtype.name == weight_type
+    exact = load_checkpoint(path, dtype=torch.float32).model
+    # the float32 path holds exactly the file's values
+    want = gguf_dequantize(np.asarray(f.tensors["blk.1.ffn_down.weight"].data), T[weight_type])
+    assert torch.equal(exact.layers[1].feed_forward.w2.weight,
+                       torch.from_numpy(want.reshape(TINY.dim, TINY.hidden_dim).astype(np.float32)))
+    with torch.inference_mode():
+        ref = model(torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]]))
+    f32 = _logits(path, torch.float32)
+    assert _cosine(f32, ref) > (0.9999 if weight_type in ("F16", "BF16", "Q8_0") else 0.99)
+    assert _cosine(_logits(path, None), f32) > 0.999  # packed (8-bit activations) vs exact
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K])
+def test_k_quant_files_load_on_both_paths(tmp_path: Path, qtype: T) -> None:
+    # gguf cannot quantize to k-quants: write a file whose matrices are random k-quant blocks
+    src = read_gguf(write_gguf(make_tiny_model(WIDE), tmp_path / "f32.gguf"))
+    w = GGUFWriter(tmp_path / "k.gguf", "llama")
+    for key, value in src.metadata.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            vtype, etype = src.value_types[key]
+            w.add_key_value(key, value, vtype, sub_type=etype)
+    written = {}
+    for i, (name, t) in enumerate(src.tensors.items()):
+        if len(t.shape) == 2 and name != "token_embd.weight":
+            data = random_weights(qtype, t.shape[0], t.shape[1], seed=i)
+            w.add_tensor(name, data, raw_dtype=qtype)
+            written[name] = gguf_dequantize(data, qtype).reshape(t.shape)
+        else:
+            w.add_tensor(name, np.asarray(t.data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    exact = load_checkpoint(tmp_path / "k.gguf", dtype=torch.float32).model
+    params = dict(exact.named_parameters())
+    for internal in ("layers.0.attention.wk.weight", "layers.1.feed_forward.w3.weight"):
+        want = torch.from_numpy(written[from_internal(internal, "gguf")].astype(np.float32))
+        assert torch.equal(params[internal], want)
+    packed = _logits(tmp_path / "k.gguf", None)  # k-quants dequantize per call on this path
+    torch.testing.assert_close(packed, _logits(tmp_path / "k.gguf", torch.float32),
+                               atol=1e-3, rtol=1e-3)
