@@ -94,7 +94,7 @@ def test_convert_rejects_an_unknown_gguf_type(tiny_gguf: Path, tmp_path: Path) -
                        "--type", "Q3_K")
     assert code == 1
     assert err.strip().splitlines() == [err.strip()] and err.startswith("error: ")
-    assert "F32, F16, Q8_0" in err and not (tmp_path / "x.gguf").exists()
+    assert "F32, F16, BF16, Q8_0, Q4_1, Q4_0" in err and not (tmp_path / "x.gguf").exists()
 
 
 def _cli(*args: str, env: dict[str, str] | None = None,

@@ -7,16 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, make_tiny_model
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 from gguf.quants import dequantize as gguf_dequantize
+from test_quant_kernels import random_weights
 
-from conftest import TINY, make_tiny_model
 from llamaherd.checkpoint import load_checkpoint
 from llamaherd.checkpoint.convert import write_gguf
 from llamaherd.checkpoint.gguf import read_gguf
 from llamaherd.checkpoint.keymaps import from_internal
-from test_quant_kernels import random_weights
 
 WIDE = TINY.replace(dim=256, n_heads=4, n_kv_heads=2, hidden_dim=512, head_dim=64)  # 256-blocks
 
