@@ -73,7 +73,7 @@ class KVCache(nn.Module):
         if rows is None:
             rows = slice(0, B)
         if isinstance(rows, slice) and T == 1 and B == 1:
-            p = int(pos[0, 0])
+            p = length - 1  # the one query is at the newest position (no tensor read needed)
             self.k[rows, :, p] = k[:, :, 0]
             self.v[rows, :, p] = v[:, :, 0]
         else:
@@ -144,13 +144,17 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        if self.wqkv is not None:
-            q, k, v = self.wqkv(x).split((q_size, kv_size, kv_size), dim=-1)
+        if self.wqkv is not None:  # fused: rotate the q and k heads in one call
+            qkv = self.wqkv(x)
+            qk = qkv[..., :q_size + kv_size].view(B, T, self.n_heads + self.n_kv_heads, -1)
+            q, k = apply_rope(qk, ctx.rot).split((self.n_heads, self.n_kv_heads), dim=2)
+            v = qkv[..., q_size + kv_size:]
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), ctx.rot).transpose(1, 2)
-        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), ctx.rot).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+            q = apply_rope(self.wq(x).view(B, T, self.n_heads, -1), ctx.rot)
+            k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, -1), ctx.rot)
+            v = self.wv(x)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         if self.cache is None:  # no cache: plain causal attention over the input
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
         else:
