@@ -65,13 +65,11 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, rows: torch.Tensor | slice | None, pos: torch.Tensor, k: torch.Tensor,
+    def update(self, rows: torch.Tensor | slice, pos: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv, T, D) at positions pos (B, T) of cache rows `rows` (None: 0..B-1);
-        return those rows' first `length` positions (a view unless rows is a tensor)."""
+        """Write k, v (B, n_kv, T, D) at positions pos (B, T) of cache rows `rows`; return those
+        rows' first `length` positions (a view when rows is a slice)."""
         B, T = pos.shape
-        if rows is None:
-            rows = slice(0, B)
         if isinstance(rows, slice) and T == 1 and B == 1:
             p = length - 1  # the one query is at the newest position (no tensor read needed)
             self.k[rows, :, p] = k[:, :, 0]
@@ -90,19 +88,19 @@ class StepContext:
 
     pos: torch.Tensor  # (B, T) position of each token
     rot: torch.Tensor  # (B, T, 1, D/2) complex rotations for those positions
-    rows: torch.Tensor | slice | None  # (B,) cache row of each batch row (a slice when they are
-    # consecutive); None means 0..B-1
+    rows: torch.Tensor | slice  # cache row of each batch row: (B,) ids, or a slice if consecutive
     length: int  # cached positions any query can see: max(pos) + 1
     mask: torch.Tensor | None  # (B, 1, T, length) True where a query may attend; None = all
 
     @staticmethod
     def make(pos: torch.Tensor, rows: torch.Tensor | None, freqs: torch.Tensor) -> StepContext:
-        if rows is not None and rows.numel() and bool((rows == rows[0] + torch.arange(
-                rows.numel(), device=rows.device)).all()):
-            rows = slice(int(rows[0]), int(rows[0]) + rows.numel())  # a view, not a gather
+        B, T = pos.shape
+        if rows is None:
+            rows = slice(0, B)
+        elif bool((rows == rows[0] + torch.arange(B, device=rows.device)).all()):
+            rows = slice(int(rows[0]), int(rows[0]) + B)  # a view of the cache, not a gather
         angles = pos[..., None].float() * freqs  # (B, T, D/2)
         rot = torch.polar(torch.ones_like(angles), angles)[:, :, None]
-        B, T = pos.shape
         length = int(pos.max()) + 1
         mask = None
         if not (B == 1 and T == 1):  # one query at the newest position sees every cached key
