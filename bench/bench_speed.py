@@ -7,7 +7,7 @@ to bench/results/speed.png.
     .venv/bin/python bench/bench_speed.py [--model smollm2-135m-instruct] [--threads 2] [--runs 3]
 
 Figures: load (s), prefill tok/s (one 512-token prompt of random ids), decode tok/s (batch 1,
-128 greedy tokens after a 42-token chat prompt), decode aggregate tok/s at batch 8, peak RSS (MB).
+128 greedy tokens after a chat prompt in the model's own format), decode aggregate tok/s at batch 8, peak RSS (MB).
 llama-cpp-python is optional (`bash bench/build_llama_cpp.sh`); transformers is in the test extras.
 """
 
@@ -25,9 +25,15 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PREFILL_LEN, DECODE_LEN, BATCH = 512, 128, 8
-CHAT_PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018,
-               411, 407, 19712, 8182, 2, 198, 1, 4093, 198, 23217, 314, 253, 1789, 2625, 563,
-               260, 6938, 30, 2, 198, 1, 520, 9531, 198, 504, 1789, 2625][:42]
+CHAT_QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def _chat_prompt(path: str) -> list[int]:
+    """The chat prompt every engine decodes after: the question in the model's own chat format."""
+    from llamaherd import tokenizer
+
+    tok = tokenizer.load(path)
+    return tokenizer.chat_format(tok).encode_dialog([{"role": "user", "content": CHAT_QUESTION}])
 
 
 def _peak_rss_mb() -> float:
@@ -59,6 +65,7 @@ def run_llamaherd(path: str, threads: int, mode: str) -> dict[str, float]:
     load_s = time.perf_counter() - t0
     model = llm.model
     greedy = SamplingParams(max_new_tokens=DECODE_LEN, temperature=0.0, ignore_eos=True)
+    chat = _chat_prompt(path)
     with torch.inference_mode():
         ids = _prefill_ids()
         model.setup_cache(1, PREFILL_LEN + 1)
@@ -68,9 +75,9 @@ def run_llamaherd(path: str, threads: int, mode: str) -> dict[str, float]:
         prefill = PREFILL_LEN / (time.perf_counter() - t0)
 
         def decode(batch: int) -> float:
-            engine = Engine(model, llm.tokenizer, rows=batch, max_len=len(CHAT_PROMPT) + DECODE_LEN + 8)
+            engine = Engine(model, llm.tokenizer, rows=batch, max_len=len(chat) + DECODE_LEN + 8)
             for _ in range(batch):
-                engine.add(CHAT_PROMPT, greedy)
+                engine.add(chat, greedy)
             engine.step()  # prefill and the first token of every sequence
             t0, produced = time.perf_counter(), 0
             while not engine.idle:
@@ -97,7 +104,7 @@ def run_llama_cpp(path: str, threads: int, mode: str) -> dict[str, float]:
     llm.eval(ids)
     prefill = PREFILL_LEN / (time.perf_counter() - t0)
     llm.reset()
-    llm.eval(CHAT_PROMPT)
+    llm.eval(_chat_prompt(path))
     t0 = time.perf_counter()
     for _ in range(DECODE_LEN):
         tok = llm.sample(temp=0.0)
@@ -115,6 +122,7 @@ def run_transformers(path: str, threads: int, mode: str) -> dict[str, float]:
 
     torch.set_num_threads(threads)
     p = Path(path)
+    chat = _chat_prompt(path)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
     load_s = time.perf_counter() - t0
@@ -126,7 +134,7 @@ def run_transformers(path: str, threads: int, mode: str) -> dict[str, float]:
         prefill = PREFILL_LEN / (time.perf_counter() - t0)
 
         def decode(batch: int, new: int) -> float:
-            prompt = torch.tensor([CHAT_PROMPT] * batch)
+            prompt = torch.tensor([chat] * batch)
             t0 = time.perf_counter()
             model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                            attention_mask=torch.ones_like(prompt), pad_token_id=0)
