@@ -51,7 +51,7 @@ def _prefill_ids() -> list[int]:
 
 # ---------------------------------------------------------------- one engine per subprocess
 
-def run_llamaherd(path: str, threads: int, mode: str) -> dict[str, float]:
+def run_llamaherd(path: str, threads: int, mode: str, chat: list[int]) -> dict[str, float]:
     """Through the same engine that serves LLM.generate, the CLI and the server."""
     import torch
 
@@ -65,7 +65,6 @@ def run_llamaherd(path: str, threads: int, mode: str) -> dict[str, float]:
     load_s = time.perf_counter() - t0
     model = llm.model
     greedy = SamplingParams(max_new_tokens=DECODE_LEN, temperature=0.0, ignore_eos=True)
-    chat = _chat_prompt(path)
     with torch.inference_mode():
         ids = _prefill_ids()
         model.setup_cache(1, PREFILL_LEN + 1)
@@ -90,7 +89,7 @@ def run_llamaherd(path: str, threads: int, mode: str) -> dict[str, float]:
             "decode_b8_tok_s": decode8, "peak_rss_mb": _peak_rss_mb()}
 
 
-def run_llama_cpp(path: str, threads: int, mode: str) -> dict[str, float]:
+def run_llama_cpp(path: str, threads: int, mode: str, chat: list[int]) -> dict[str, float]:
     from llama_cpp import Llama
 
     t0 = time.perf_counter()
@@ -104,7 +103,7 @@ def run_llama_cpp(path: str, threads: int, mode: str) -> dict[str, float]:
     llm.eval(ids)
     prefill = PREFILL_LEN / (time.perf_counter() - t0)
     llm.reset()
-    llm.eval(_chat_prompt(path))
+    llm.eval(chat)
     t0 = time.perf_counter()
     for _ in range(DECODE_LEN):
         tok = llm.sample(temp=0.0)
@@ -116,13 +115,12 @@ def run_llama_cpp(path: str, threads: int, mode: str) -> dict[str, float]:
             "decode_b8_tok_s": float("nan"), "peak_rss_mb": _peak_rss_mb()}
 
 
-def run_transformers(path: str, threads: int, mode: str) -> dict[str, float]:
+def run_transformers(path: str, threads: int, mode: str, chat: list[int]) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
     p = Path(path)
-    chat = _chat_prompt(path)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
     load_s = time.perf_counter() - t0
@@ -150,14 +148,16 @@ RUNNERS = {"llamaherd": run_llamaherd, "llama.cpp": run_llama_cpp,
            "transformers": run_transformers}
 
 
-def _child(engine: str, path: str, threads: int, mode: str) -> None:
-    print(json.dumps(RUNNERS[engine](path, threads, mode)))
+def _child(engine: str, path: str, threads: int, mode: str, chat: list[int]) -> None:
+    print(json.dumps(RUNNERS[engine](path, threads, mode, chat)))
 
 
-def _measure(engine: str, path: str, threads: int, mode: str, runs: int) -> dict | None:
+def _measure(engine: str, path: str, threads: int, mode: str, runs: int,
+             chat: list[int]) -> dict | None:
     samples = []
     for _ in range(runs):
         proc = subprocess.run(check=False, args=[sys.executable, __file__, "--child", engine, "--path", path,
+                               "--chat", json.dumps(chat),
                                "--threads", str(threads), "--mode", mode],
                               capture_output=True, text=True)
         if proc.returncode != 0:
@@ -177,18 +177,20 @@ def main() -> None:
     ap.add_argument("--mode", default="native", help="llamaherd dtype: native (packed) or float32")
     ap.add_argument("--child")
     ap.add_argument("--path")
+    ap.add_argument("--chat", help="JSON list of the chat prompt's token ids (children only)")
     a = ap.parse_args()
     if a.child:
-        return _child(a.child, a.path, a.threads, a.mode)
+        return _child(a.child, a.path, a.threads, a.mode, json.loads(a.chat))
 
     from llamaherd.api import resolve_path
 
     path = str(resolve_path(a.model))
+    chat = _chat_prompt(path)  # tokenized here, so no engine pays for our tokenizer
     results: dict[str, dict] = {}
     for engine in a.engines.split(","):
         runs = 1 if engine == "transformers" else a.runs
         print(f"measuring {engine} ({runs} run{'s' * (runs > 1)}) ...", file=sys.stderr)
-        r = _measure(engine, path, a.threads, a.mode, runs)
+        r = _measure(engine, path, a.threads, a.mode, runs, chat)
         if r is not None:
             results[engine] = r
     report(results, a, path)
