@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llamaherd.config import ModelArgs, RopeScaling
+
+if TYPE_CHECKING:
+    from llamaherd.quant.fused import FusedDecoder
 
 
 class RMSNorm(nn.Module):
@@ -230,6 +234,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_freqs",
                              rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling),
                              persistent=False)
+        # optional: all layers of a T = 1 step with a cache in one call (set by the GGUF loader)
+        self.fast_decode: FusedDecoder | None = None
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype = torch.float32) -> None:
         """Allocate a KV cache for `batch` rows of up to `max_len` positions (None to drop it)."""
@@ -273,10 +279,14 @@ class Transformer(nn.Module):
             input_pos = torch.arange(T, device=tokens.device)
         if input_pos.dim() == 1:
             input_pos = input_pos.expand(B, T)
-        ctx = StepContext.make(input_pos, cache_rows, self.rope_freqs)
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, ctx)
+        if (T == 1 and self.fast_decode is not None and self.fast_decode.usable()
+                and not torch.is_grad_enabled()):
+            h = self.fast_decode(h, input_pos, cache_rows)
+        else:
+            ctx = StepContext.make(input_pos, cache_rows, self.rope_freqs)
+            for layer in self.layers:
+                h = layer(h, ctx)
         if output_index is not None:
             h = h[torch.arange(B, device=h.device), output_index]
         return self.output(self.norm(h)).float()

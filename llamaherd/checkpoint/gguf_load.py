@@ -57,10 +57,11 @@ def load_gguf(path: Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
         state[internal] = _to_torch(t, dtype or torch.float32)
     model = build_model(args, state, path, modules, packed_shapes)
     if packed:
-        from llamaherd.quant.fused import use_kernel_norms
+        from llamaherd.quant.fused import FusedDecoder, use_kernel_norms
 
         model.fuse_projections()  # one kernel call for q|k|v and one for gate|up
         use_kernel_norms(model)
+        model.fast_decode = FusedDecoder.build(model)
     if divisors is not None:  # factors that no Llama 3.1 scaling explains: use them as they are
         model.rope_freqs = rope_frequencies(args.head_dim, args.rope_theta, None) / divisors
     types = Counter(t.qtype.name for t in f.tensors.values())

@@ -34,3 +34,60 @@ def use_kernel_norms(model: nn.Module) -> int:
             setattr(model.get_submodule(parent) if parent else model, child, KernelRMSNorm(module))
             swapped += 1
     return swapped
+
+
+class FusedDecoder:
+    """Every layer of a decode step (one new token per sequence) in one C++ call.
+
+    For a model whose projections are fused, packed GGUF layers and whose norms are KernelRMSNorm
+    (what the GGUF loader builds); `build` returns None for any other model. Computes what the
+    layers' forward computes for T = 1, with the same kernels for the projections.
+    """
+
+    def __init__(self, model: nn.Module, ops) -> None:
+        args = model.args
+        self._impl = ops.Decoder(args.dim, args.n_heads, args.n_kv_heads, args.head_dim,
+                                 args.hidden_dim, args.norm_eps, model.rope_freqs.float())
+        for layer in model.layers:
+            att, ffn = layer.attention, layer.feed_forward
+            self._impl.add_layer(layer.attention_norm.weight.detach(), att.wqkv.data,
+                                 att.wqkv.qtype_id, att.wo.data, att.wo.qtype_id,
+                                 layer.ffn_norm.weight.detach(), ffn.w13.data, ffn.w13.qtype_id,
+                                 ffn.w2.data, ffn.w2.qtype_id)
+        self._layers = model.layers
+        self._caches: list = []  # the KV caches the lists below were taken from
+        self._k: list[torch.Tensor] = []
+        self._v: list[torch.Tensor] = []
+
+    @staticmethod
+    def build(model: nn.Module) -> FusedDecoder | None:
+        from llamaherd.quant.gguf_linear import GGUFLinear
+
+        ops = kernels.load()
+        if ops is None:
+            return None
+        for layer in model.layers:
+            att, ffn = layer.attention, layer.feed_forward
+            projections = (att.wqkv, att.wo, ffn.w13, ffn.w2)
+            if not all(isinstance(p, GGUFLinear) and p.packed for p in projections):
+                return None
+            if not all(isinstance(n, KernelRMSNorm) and n.weight.dtype == torch.float32
+                       for n in (layer.attention_norm, layer.ffn_norm)):
+                return None
+        return FusedDecoder(model, ops)
+
+    def usable(self) -> bool:
+        """Whether the current KV cache is one this decoder can write (float32)."""
+        cache = self._layers[0].attention.cache
+        return cache is not None and cache.k.dtype == torch.float32
+
+    def __call__(self, h: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """h: (B, 1, dim) embeddings; pos: (B, 1) positions; rows: (B,) cache rows (None: 0..B-1)."""
+        B = h.shape[0]
+        caches = [layer.attention.cache for layer in self._layers]
+        if caches != self._caches:  # setup_cache made new ones
+            self._caches, self._k, self._v = caches, [c.k for c in caches], [c.v for c in caches]
+        if rows is None:
+            rows = torch.arange(B)
+        return self._impl.forward(h.reshape(B, -1), rows, pos.reshape(B), self._k,
+                                  self._v).view(B, 1, -1)

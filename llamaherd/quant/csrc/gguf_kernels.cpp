@@ -34,6 +34,12 @@
 #define LH_AVX512 1
 #endif
 
+#if defined(__GLIBC__) && defined(__x86_64__)
+// glibc's vector math library (libmvec) has SIMD versions of expf; declaring them lets
+// `omp simd` loops call those (math.h declares them only under -ffast-math).
+extern "C" float expf(float) noexcept __attribute__((simd("notinbranch")));
+#endif
+
 namespace {
 
 constexpr int64_t QK = 32;     // weights per block
@@ -271,6 +277,10 @@ void quantize_activations(const float* x, int64_t rows, int64_t nb, float coef, 
 
 #ifdef LH_AVX512
 
+// Bytes ahead of the current block to prefetch: panels are read once, front to back, and the
+// hardware prefetcher alone stalls at page boundaries (~10-15% slower on the per-layer matrices).
+constexpr int64_t PREFETCH_AHEAD = 1024;
+
 template <int64_t QT, int R>
 void tile(const Activations& a, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
           int64_t cols) {
@@ -291,6 +301,9 @@ void tile(const Activations& a, int64_t r0, const uint8_t* panel, float* out, in
   }
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* block = panel + b * PANEL * f.block_bytes;
+#pragma GCC unroll 8
+    for (int64_t line = 0; line < PANEL * f.block_bytes; line += 64)  // the hardware prefetcher
+      _mm_prefetch(reinterpret_cast<const char*>(block + PREFETCH_AHEAD + line), _MM_HINT_T0);
     const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block)));
     __m512 mw;
     if constexpr (f.has_min)
@@ -410,25 +423,43 @@ void matmul_typed(const Activations& a, const uint8_t* w, int64_t n, float* out)
   });
 }
 
-// x: float32 [..., K]; w: packed [N rounded up to 16, bytes]  ->  float32 [..., N] = x @ W^T
-torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t n) {
+void check_packed(const torch::Tensor& w, int64_t qtype, int64_t n, int64_t k) {
   const Format f = format_of(qtype);
   const int64_t nb = blocks_per_row(w, f);
-  TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() >= 1, "activations must be float32 [..., K]");
-  TORCH_CHECK(x.size(-1) == nb * QK, "activations have ", x.size(-1), " features, weights ",
-              nb * QK);
+  TORCH_CHECK(k == nb * QK, "activations have ", k, " features, weights ", nb * QK);
   TORCH_CHECK(w.is_contiguous() && w.size(0) % PANEL == 0 && n <= w.size(0) && n > w.size(0) - PANEL,
               "weights are not packed for ", n, " rows");
-  const torch::Tensor x2 = x.reshape({-1, nb * QK}).contiguous();
+}
+
+// out [rows, n] = x [rows, K] @ W^T for packed weights w (checked by check_packed)
+void matmul_into(const float* x, int64_t rows, const torch::Tensor& w, int64_t qtype, int64_t n,
+                 float* out) {
+  const Format f = format_of(qtype);
+  const int64_t nb = w.size(1) / f.block_bytes;
   thread_local Activations a;
-  quantize_activations(x2.data_ptr<float>(), x2.size(0), nb, f.has_min ? 1.f : f.min_coef, a);
+  quantize_activations(x, rows, nb, f.has_min ? 1.f : f.min_coef, a);
+  dispatch(qtype, [&](auto qt) {
+    matmul_typed<decltype(qt)::value>(a, w.data_ptr<uint8_t>(), n, out);
+  });
+}
+
+// x: float32 [..., K]; w: packed [N rounded up to 16, bytes]  ->  float32 [..., N] = x @ W^T
+torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t n) {
+  TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() >= 1, "activations must be float32 [..., K]");
+  check_packed(w, qtype, n, x.size(-1));
+  const torch::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = n;
   auto out = torch::empty(shape, x.options());
-  dispatch(qtype, [&](auto qt) {
-    matmul_typed<decltype(qt)::value>(a, w.data_ptr<uint8_t>(), n, out.data_ptr<float>());
-  });
+  matmul_into(x2.data_ptr<float>(), x2.size(0), w, qtype, n, out.data_ptr<float>());
   return out;
+}
+
+void rms_norm_row(const float* x, const float* weight, int64_t k, float eps, float* out) {
+  float sum = 0.f;
+  for (int64_t i = 0; i < k; ++i) sum += x[i] * x[i];
+  const float scale = 1.f / std::sqrt(sum / static_cast<float>(k) + eps);
+  for (int64_t i = 0; i < k; ++i) out[i] = x[i] * scale * weight[i];
 }
 
 // RMSNorm of each row of x float32 [..., K] with weight float32 [K], in one pass per row: on the
@@ -446,17 +477,195 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   float* op = out.data_ptr<float>();
   const int64_t rows = x2.size(0);
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * k;
-      float* orow = op + r * k;
-      float sum = 0.f;
-      for (int64_t i = 0; i < k; ++i) sum += xr[i] * xr[i];
-      const float scale = 1.f / std::sqrt(sum / static_cast<float>(k) + static_cast<float>(eps));
-      for (int64_t i = 0; i < k; ++i) orow[i] = xr[i] * scale * wp[i];
-    }
+    for (int64_t r = r0; r < r1; ++r) rms_norm_row(xp + r * k, wp, k, static_cast<float>(eps), op + r * k);
   });
   return out.view(x.sizes());
 }
+
+// ---------------------------------------------------------------------------------------------
+// The decode step: every layer of the model for one new token per sequence, in one call
+//
+// model.py's Block.forward for T = 1, with the same kernels for the four projections; between them
+// the small ops (norms, rotary, cache writes, attention, SwiGLU, residuals) that cost ~40 torch
+// calls a layer in Python are plain loops here.
+
+struct Projection {
+  torch::Tensor w;  // packed panels
+  int64_t qtype, n;
+  void operator()(const float* x, int64_t rows, float* out) const {
+    matmul_into(x, rows, w, qtype, n, out);
+  }
+};
+
+struct Layer {
+  torch::Tensor attn_norm, ffn_norm;
+  Projection wqkv, wo, w13, w2;
+};
+
+class Decoder {
+ public:
+  Decoder(int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t hidden_dim,
+          double eps, torch::Tensor freqs)
+      : dim_(dim), n_heads_(n_heads), n_kv_(n_kv_heads), head_dim_(head_dim),
+        hidden_(hidden_dim), eps_(static_cast<float>(eps)), freqs_(freqs.contiguous()) {
+    TORCH_CHECK(n_heads % n_kv_heads == 0 && head_dim % 2 == 0, "bad head counts");
+    TORCH_CHECK(freqs_.dtype() == torch::kFloat && freqs_.numel() == head_dim / 2,
+                "rotary frequencies must be float32 [head_dim / 2]");
+  }
+
+  void add_layer(torch::Tensor attn_norm, torch::Tensor wqkv, int64_t qkv_type, torch::Tensor wo,
+                 int64_t wo_type, torch::Tensor ffn_norm, torch::Tensor w13, int64_t w13_type,
+                 torch::Tensor w2, int64_t w2_type) {
+    const int64_t qkv_n = (n_heads_ + 2 * n_kv_) * head_dim_;
+    check_packed(wqkv, qkv_type, qkv_n, dim_);
+    check_packed(wo, wo_type, dim_, n_heads_ * head_dim_);
+    check_packed(w13, w13_type, 2 * hidden_, dim_);
+    check_packed(w2, w2_type, dim_, hidden_);
+    for (const auto& norm : {attn_norm, ffn_norm})
+      TORCH_CHECK(norm.dtype() == torch::kFloat && norm.is_contiguous() && norm.numel() == dim_,
+                  "norm weights must be contiguous float32 [dim]");
+    layers_.push_back({attn_norm, ffn_norm, {wqkv, qkv_type, qkv_n}, {wo, wo_type, dim_},
+                       {w13, w13_type, 2 * hidden_}, {w2, w2_type, dim_}});
+  }
+
+  // h: float32 [B, dim], the embeddings of the new tokens; rows, pos: int64 [B], each token's
+  // cache row and position; k, v: one float32 cache [rows, n_kv_heads, max_len, head_dim] per
+  // layer. Writes each token's keys and values at its position; returns the hidden states.
+  torch::Tensor forward(torch::Tensor h, torch::Tensor rows, torch::Tensor pos,
+                        const std::vector<torch::Tensor>& k, const std::vector<torch::Tensor>& v) {
+    const int64_t L = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK(h.dtype() == torch::kFloat && h.dim() == 2 && h.size(1) == dim_,
+                "hidden states must be float32 [B, ", dim_, "]");
+    TORCH_CHECK(static_cast<int64_t>(k.size()) == L && static_cast<int64_t>(v.size()) == L,
+                "one key and one value cache per layer");
+    const int64_t B = h.size(0);
+    rows = rows.to(torch::kLong).contiguous();
+    pos = pos.to(torch::kLong).contiguous();
+    TORCH_CHECK(rows.numel() == B && pos.numel() == B, "one cache row and position per token");
+    for (int64_t l = 0; l < L; ++l)
+      for (const auto& c : {k[l], v[l]})
+        TORCH_CHECK(c.dtype() == torch::kFloat && c.is_contiguous() && c.dim() == 4 &&
+                        c.size(1) == n_kv_ && c.size(3) == head_dim_ && c.sizes() == k[0].sizes(),
+                    "caches must be contiguous float32 [rows, ", n_kv_, ", max_len, ", head_dim_, "]");
+    const int64_t* row = rows.data_ptr<int64_t>();
+    const int64_t* at = pos.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(row[b] >= 0 && row[b] < k[0].size(0) && at[b] >= 0 && at[b] < k[0].size(2),
+                  "cache row ", row[b], " or position ", at[b], " out of range");
+
+    torch::Tensor x = h.contiguous().clone();
+    const int64_t q_n = n_heads_ * head_dim_, kv_n = n_kv_ * head_dim_, qkv_n = q_n + 2 * kv_n;
+    std::vector<float> xn(B * dim_), qkv(B * qkv_n), att(B * q_n), gu(B * 2 * hidden_),
+        act(B * hidden_), delta(B * dim_);
+    const std::vector<float> rot = rotations(at, B);
+    float* xp = x.data_ptr<float>();
+    for (int64_t l = 0; l < L; ++l) {
+      const Layer& layer = layers_[l];
+      for (int64_t b = 0; b < B; ++b)
+        rms_norm_row(xp + b * dim_, layer.attn_norm.data_ptr<float>(), dim_, eps_, xn.data() + b * dim_);
+      layer.wqkv(xn.data(), B, qkv.data());
+      for (int64_t b = 0; b < B; ++b) {
+        float* t = qkv.data() + b * qkv_n;
+        rotate(t, n_heads_ + n_kv_, rot.data() + b * head_dim_);  // q and k heads are adjacent
+        for (int64_t g = 0; g < n_kv_; ++g) {
+          const int64_t offset = cache_offset(k[l], row[b], g, at[b]);
+          std::memcpy(k[l].data_ptr<float>() + offset, t + q_n + g * head_dim_, head_dim_ * 4);
+          std::memcpy(v[l].data_ptr<float>() + offset, t + q_n + kv_n + g * head_dim_, head_dim_ * 4);
+        }
+      }
+      attention(qkv.data(), qkv_n, k[l], v[l], row, at, B, att.data());
+      layer.wo(att.data(), B, delta.data());
+      for (int64_t i = 0; i < B * dim_; ++i) xp[i] += delta[i];
+      for (int64_t b = 0; b < B; ++b)
+        rms_norm_row(xp + b * dim_, layer.ffn_norm.data_ptr<float>(), dim_, eps_, xn.data() + b * dim_);
+      layer.w13(xn.data(), B, gu.data());
+      for (int64_t b = 0; b < B; ++b) {  // SwiGLU: silu(gate) * up
+        const float* gate = gu.data() + b * 2 * hidden_;
+        const float* up = gate + hidden_;
+        for (int64_t i = 0; i < hidden_; ++i)
+          act[b * hidden_ + i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+      }
+      layer.w2(act.data(), B, delta.data());
+      for (int64_t i = 0; i < B * dim_; ++i) xp[i] += delta[i];
+    }
+    return x;
+  }
+
+ private:
+  // cos and sin of position * frequency for each token: [B, head_dim/2, 2]
+  std::vector<float> rotations(const int64_t* at, int64_t B) const {
+    const float* freqs = freqs_.data_ptr<float>();
+    std::vector<float> rot(B * head_dim_);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < head_dim_ / 2; ++i) {
+        const float angle = static_cast<float>(at[b]) * freqs[i];
+        rot[b * head_dim_ + 2 * i] = std::cos(angle);
+        rot[b * head_dim_ + 2 * i + 1] = std::sin(angle);
+      }
+    return rot;
+  }
+
+  // Rotate adjacent pairs of each of `heads` heads by the token's rotations (Meta's layout).
+  void rotate(float* t, int64_t heads, const float* rot) const {
+    for (int64_t hd = 0; hd < heads; ++hd) {
+      float* x = t + hd * head_dim_;
+      for (int64_t i = 0; i < head_dim_ / 2; ++i) {
+        const float c = rot[2 * i], s = rot[2 * i + 1], x0 = x[2 * i], x1 = x[2 * i + 1];
+        x[2 * i] = x0 * c - x1 * s;
+        x[2 * i + 1] = x0 * s + x1 * c;
+      }
+    }
+  }
+
+  int64_t cache_offset(const torch::Tensor& c, int64_t row, int64_t head, int64_t p) const {
+    return ((row * n_kv_ + head) * c.size(2) + p) * head_dim_;
+  }
+
+  // Each query head attends to its kv head's cached positions 0..pos (causal, one query).
+  void attention(const float* qkv, int64_t qkv_n, const torch::Tensor& k, const torch::Tensor& v,
+                 const int64_t* row, const int64_t* at, int64_t B, float* out) const {
+    const int64_t group = n_heads_ / n_kv_;
+    const float scale = 1.f / std::sqrt(static_cast<float>(head_dim_));
+    const int64_t D = head_dim_;
+    at::parallel_for(0, B * n_heads_, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> scores;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / n_heads_, hd = t % n_heads_, n = at[b] + 1;
+        const float* q = qkv + b * qkv_n + hd * D;
+        const float* keys = k.data_ptr<float>() + cache_offset(k, row[b], hd / group, 0);
+        const float* values = v.data_ptr<float>() + cache_offset(v, row[b], hd / group, 0);
+        scores.resize(n);
+        float top = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) {
+          float s = 0.f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t d = 0; d < D; ++d) s += q[d] * keys[j * D + d];
+          scores[j] = s * scale;
+          top = std::max(top, scores[j]);
+        }
+        float total = 0.f;
+        float* e = scores.data();
+#pragma omp simd reduction(+ : total)
+        for (int64_t j = 0; j < n; ++j) {
+          e[j] = expf(e[j] - top);
+          total += e[j];
+        }
+        float* o = out + b * n_heads_ * D + hd * D;
+        std::fill(o, o + D, 0.f);
+        for (int64_t j = 0; j < n; ++j) {
+          const float p = scores[j] / total;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) o[d] += p * values[j * D + d];
+        }
+      }
+    });
+  }
+
+  int64_t dim_, n_heads_, n_kv_, head_dim_, hidden_;
+  float eps_;
+  torch::Tensor freqs_;
+  std::vector<Layer> layers_;
+};
 
 std::string simd() {
 #ifdef LH_AVX512
@@ -476,4 +685,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &matmul, "x float32 [..., K] @ packed W^T (N rows) -> float32 [..., N]");
   m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows [..., K] with weight [K]");
   m.def("simd", &simd, "the instruction set the kernels were compiled for");
+  py::class_<Decoder>(m, "Decoder", "every layer of a packed model for one new token per sequence")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, torch::Tensor>(),
+           py::arg("dim"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"),
+           py::arg("hidden_dim"), py::arg("eps"), py::arg("freqs"))
+      .def("add_layer", &Decoder::add_layer)
+      .def("forward", &Decoder::forward, py::arg("h"), py::arg("rows"), py::arg("pos"),
+           py::arg("k"), py::arg("v"));
 }

@@ -1,0 +1,122 @@
+"""The fused decode step (every layer of a T = 1 step in one C++ call) against the layer-by-layer
+forward on the same packed weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY, make_tiny_model
+
+import llamaherd
+from llamaherd.checkpoint import load_checkpoint
+from llamaherd.checkpoint.convert import write_gguf
+from llamaherd.model import Transformer
+
+
+def decode_logits(model: Transformer, fast: bool, prompt: list[list[int]], steps: list[list[int]],
+                  rows: list[int]) -> torch.Tensor:
+    """Prefill `prompt` (B, P) into cache rows `rows`, then feed the given tokens one step at a
+    time, each row at its own position (row b starts b tokens later); logits (steps, B, V)."""
+    decoder = model.fast_decode
+    assert decoder is not None, "the packed GGUF model should have a fused decoder"
+    model.fast_decode = decoder if fast else None
+    try:
+        B, P = len(prompt), len(prompt[0])
+        model.setup_cache(max(rows) + 1, 64)
+        cache_rows = torch.tensor(rows)
+        out = []
+        with torch.inference_mode():
+            model(torch.tensor(prompt), torch.arange(P).expand(B, P), cache_rows)
+            for t, tokens in enumerate(steps):
+                pos = torch.tensor([[P + t + b] for b in range(B)])  # rows at different positions
+                out.append(model(torch.tensor(tokens)[:, None], pos, cache_rows)[:, -1])
+        return torch.stack(out)
+    finally:
+        model.fast_decode = decoder
+
+
+@pytest.fixture(scope="module", params=["Q4_1", "Q8_0", "Q4_0"])
+def tiny_packed(request, tmp_path_factory) -> Transformer:
+    path = tmp_path_factory.mktemp("fused") / f"tiny-{request.param}.gguf"
+    write_gguf(make_tiny_model(), path, weight_type=request.param)
+    return load_checkpoint(path).model
+
+
+def test_fused_decode_matches_the_layers_on_a_tiny_model(tiny_packed):
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, TINY.vocab_size, (3, 7), generator=g).tolist()
+    steps = torch.randint(0, TINY.vocab_size, (5, 3), generator=g).tolist()
+    rows = [2, 0, 3]  # not consecutive: the decoder must write and read each token's own row
+    fast = decode_logits(tiny_packed, True, prompt, steps, rows)
+    slow = decode_logits(tiny_packed, False, prompt, steps, rows)
+    assert (fast - slow).abs().max() < 1e-4 * slow.abs().max()
+
+
+def test_fused_decode_writes_the_cache_the_layers_would_write(tiny_packed):
+    prompt, steps, rows = [[1, 2, 3]], [[4], [5]], [1]
+    caches = []
+    for fast in (True, False):
+        decode_logits(tiny_packed, fast, prompt, steps, rows)
+        caches.append([(layer.attention.cache.k.clone(), layer.attention.cache.v.clone())
+                       for layer in tiny_packed.layers])
+    for (k1, v1), (k2, v2) in zip(*caches):
+        assert torch.allclose(k1, k2, atol=1e-5) and torch.allclose(v1, v2, atol=1e-5)
+        assert k1[1, :, 3:5].abs().sum() > 0  # the decoded positions were written
+
+
+def test_fused_decode_on_the_real_model(default_model_path):
+    llm = llamaherd.load(default_model_path)
+    ids = llm.tokenizer.encode("The lighthouse keeper opened the bottle and read the message:")
+    # teacher-forced: both paths see the same tokens, so each step compares like with like
+    steps = [[t] for t in llm.tokenizer.encode(" it was written in an old hand, and it said")]
+    fast = decode_logits(llm.model, True, [ids], steps, [0])[:, 0]
+    slow = decode_logits(llm.model, False, [ids], steps, [0])[:, 0]
+    cos = torch.nn.functional.cosine_similarity(fast, slow, dim=-1)
+    # The two paths differ only in float rounding (last bits), but the 8-bit rounding of every
+    # projection's input turns some of those into one-step differences, which 30 layers and
+    # then the cache carry on (the layer path does the same to a 1e-6 perturbation of its input).
+    # The first step reads one prefilled cache on both paths; later ones read keys each wrote.
+    assert cos[0] > 0.9999, cos.tolist()
+    assert cos.min() > 0.99, cos.tolist()
+    assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() >= 0.9
+
+
+def test_fused_decode_is_only_used_where_it_applies(tiny_packed, tmp_path):
+    # a float32 load keeps the exact layer-by-layer path
+    path = tmp_path / "tiny.gguf"
+    write_gguf(make_tiny_model(), path, weight_type="Q8_0")
+    assert load_checkpoint(path, dtype=torch.float32).model.fast_decode is None
+
+    decoder, calls = tiny_packed.fast_decode, []
+
+    class Counting:
+        def usable(self) -> bool:
+            return decoder.usable()
+
+        def __call__(self, *args):
+            calls.append(args)
+            return decoder(*args)
+
+    tiny_packed.fast_decode = Counting()
+    try:
+        tiny_packed.setup_cache(1, 16)
+        with torch.inference_mode():
+            tiny_packed(torch.tensor([[1, 2, 3]]))  # prefill: T > 1
+            tiny_packed(torch.tensor([[4]]), torch.tensor([[3]]))  # decode
+        assert len(calls) == 1
+        tiny_packed(torch.tensor([[5]]), torch.tensor([[4]]))  # gradients on: the layers run
+        tiny_packed.drop_cache()
+        with torch.inference_mode():
+            tiny_packed(torch.tensor([[5]]))  # no cache
+        assert len(calls) == 1
+    finally:
+        tiny_packed.fast_decode = decoder
+
+
+def test_fused_decode_refuses_out_of_range_rows_and_positions(tiny_packed):
+    tiny_packed.setup_cache(2, 8)
+    h = torch.zeros(1, 1, TINY.dim)
+    with pytest.raises(RuntimeError, match="out of range"):
+        tiny_packed.fast_decode(h, torch.tensor([[8]]), torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="out of range"):
+        tiny_packed.fast_decode(h, torch.tensor([[0]]), torch.tensor([2]))
