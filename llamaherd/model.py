@@ -178,9 +178,11 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
     def fuse(self) -> None:
-        """Replace wq, wk, wv by one projection (one matrix call instead of three)."""
-        self.wqkv = fuse_linears([self.wq, self.wk, self.wv])
-        if self.wqkv is not None:
+        """Replace wq, wk, wv by one projection (one matrix call instead of three); a loader may
+        have set wqkv already."""
+        if self.wqkv is None:
+            self.wqkv = fuse_linears([self.wq, self.wk, self.wv])
+        if self.wqkv is not None and hasattr(self, "wq"):
             del self.wq, self.wk, self.wv
 
 
@@ -199,9 +201,10 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
     def fuse(self) -> None:
-        """Replace w1 and w3 by one projection."""
-        self.w13 = fuse_linears([self.w1, self.w3])
-        if self.w13 is not None:
+        """Replace w1 and w3 by one projection (or keep the one a loader set)."""
+        if self.w13 is None:
+            self.w13 = fuse_linears([self.w1, self.w3])
+        if self.w13 is not None and hasattr(self, "w1"):
             del self.w1, self.w3
 
 

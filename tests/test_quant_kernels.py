@@ -135,6 +135,19 @@ def test_concat_computes_outputs_side_by_side():
         GGUFLinear.concat([parts[0], other])
 
 
+@pytest.mark.parametrize("qtype", KERNEL_TYPES)
+def test_stacked_row_blocks_pack_as_one_matrix(qtype):
+    # how the loader packs q|k|v straight from the file: row blocks, including ones that are not
+    # whole panels of 16 rows, give the layer of the rows concatenated
+    blocks = [random_weights(qtype, n, 64, seed=n) for n in (24, 8, 5)]
+    stacked = GGUFLinear(blocks, qtype, 64, 37)
+    whole = GGUFLinear(np.concatenate(blocks), qtype, 64, 37)
+    assert torch.equal(stacked.data, whole.data)
+    assert torch.equal(stacked.dequantize(), reference(np.concatenate(blocks), qtype))
+    with pytest.raises(ValueError, match="needs uint8 data"):
+        GGUFLinear(blocks, qtype, 64, 36)
+
+
 def test_embedding_looks_up_rows_and_ties_to_the_output_projection():
     data = random_weights(T.Q8_0, 100, 64)
     emb = GGUFEmbedding(data, T.Q8_0, 64, 100)

@@ -7,6 +7,7 @@ block sizes, dequantization and writing come from the `gguf` package, maintained
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ class GGUFTensor:
     qtype: GGMLQuantizationType
     shape: tuple[int, ...]  # PyTorch order (outermost first), e.g. (out_features, in_features)
     data: np.ndarray  # memory-mapped raw bytes: (rows, bytes_per_row) uint8, or float array
+    offset: int = 0  # where the bytes start in the file
 
     @property
     def is_float(self) -> bool:
@@ -52,6 +54,18 @@ class GGUFFile:
     tensors: dict[str, GGUFTensor]
     # key -> (value type, element type for arrays): what a writer needs to copy a key unchanged
     value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = field(default_factory=dict)
+    mapping: mmap.mmap | None = None  # the memory map the tensors' data points into
+
+    def release(self, tensor: GGUFTensor) -> None:
+        """Drop a tensor's pages from memory once its data has been copied (e.g. repacked), so a
+        load holds about one copy of the model at a time; touched again, they are re-read."""
+        if self.mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        begin = -(-tensor.offset // page) * page  # whole pages inside the tensor only
+        end = (tensor.offset + tensor.data.nbytes) // page * page
+        if end > begin:
+            self.mapping.madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
 
 class _Cursor:
@@ -113,7 +127,9 @@ def read_gguf(path: str | Path, with_tensors: bool = True) -> GGUFFile:
     """Parse a GGUF v2/v3 file's header and memory-map its tensors (no tensor data is read)."""
     path = Path(path)
     try:
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        with open(path, "rb") as file:
+            mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        mm = np.frombuffer(mapping, dtype=np.uint8)
     except (OSError, ValueError) as e:
         reason = "empty file" if path.exists() and path.stat().st_size == 0 else f"cannot open: {e}"
         raise CheckpointError(path, reason) from None
@@ -136,7 +152,7 @@ def read_gguf(path: str | Path, with_tensors: bool = True) -> GGUFFile:
             value_types[key] = (vtype, etype)
             metadata[key] = cur.value(vtype)
         if not with_tensors:
-            return GGUFFile(path, version, metadata, {}, value_types)
+            return GGUFFile(path, version, metadata, {}, value_types, mapping)
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
@@ -172,8 +188,8 @@ def read_gguf(path: str | Path, with_tensors: bool = True) -> GGUFFile:
             data = raw.view(np.float16).reshape(shape)
         else:
             data = raw.reshape(rows, row_bytes)
-        tensors[name] = GGUFTensor(name, qtype, shape, data)
-    return GGUFFile(path, version, metadata, tensors, value_types)
+        tensors[name] = GGUFTensor(name, qtype, shape, data, begin)
+    return GGUFFile(path, version, metadata, tensors, value_types, mapping)
 
 
 def dequantize(t: GGUFTensor) -> np.ndarray:

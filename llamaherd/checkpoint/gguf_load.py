@@ -41,6 +41,7 @@ def load_gguf(path: Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
             args, divisors = args.replace(rope_scaling=scaling), None
 
     packed = dtype is None
+    raw: dict[str, GGUFTensor] = {}  # quantized tensors to pack, by internal name
     state: dict[str, torch.Tensor] = {}
     modules: dict[str, nn.Module] = {}
     packed_shapes: dict[str, tuple[int, ...]] = {}
@@ -52,9 +53,19 @@ def load_gguf(path: Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
             raise CheckpointError(path, f"unexpected tensor {name}")
         if packed and not t.is_float:
             packed_shapes[internal] = t.shape
-            modules.update(_packed_modules(internal, t, args))
+            raw[internal] = t
             continue
         state[internal] = _to_torch(t, dtype or torch.float32)
+    for name, parts in _fusable(raw, args).items():  # q|k|v and gate|up: one layer each
+        tensors = [raw.pop(part) for part in parts]
+        modules[name] = _fused_module(tensors)
+        for t in tensors:
+            f.release(t)
+    for internal, t in raw.items():
+        made = _packed_modules(internal, t, args)
+        modules.update(made)
+        if all(module.packed for module in made.values()):  # repacked: a copy of its own
+            f.release(t)
     model = build_model(args, state, path, modules, packed_shapes)
     if packed:
         from llamaherd.quant.fused import FusedDecoder, use_kernel_norms
@@ -77,6 +88,34 @@ def rope_scaling_from_divisors(divisors: torch.Tensor, args: ModelArgs) -> RopeS
     if divisors.shape == expected.shape and torch.allclose(divisors, expected, rtol=1e-5):
         return scaling
     return None
+
+
+FUSED = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
+         "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3")}
+
+
+def _fusable(raw: dict[str, GGUFTensor], args: ModelArgs) -> dict[str, list[str]]:
+    """Fused layer name -> its parts' tensor names, for each group the kernels can pack as one
+    (all parts present, one kernel type): packed straight from the file, never copied twice."""
+    from llamaherd.quant import kernels
+    from llamaherd.quant.gguf_linear import KERNEL_TYPES
+
+    groups = {}
+    for i in range(args.n_layers):
+        for fused, parts in FUSED.items():
+            names = [f"layers.{i}.{part}.weight" for part in parts]
+            types = {raw[n].qtype for n in names if n in raw}
+            if all(n in raw for n in names) and len(types) == 1 and types <= KERNEL_TYPES:
+                groups[f"layers.{i}.{fused}"] = names
+    return groups if groups and kernels.available() else {}
+
+
+def _fused_module(tensors: list[GGUFTensor]) -> nn.Module:
+    from llamaherd.quant.gguf_linear import GGUFLinear
+
+    in_features = tensors[0].shape[1]
+    return GGUFLinear([t.data for t in tensors], tensors[0].qtype, in_features,
+                      sum(t.shape[0] for t in tensors))
 
 
 def _packed_modules(internal: str, t: GGUFTensor, args: ModelArgs) -> dict[str, nn.Module]:

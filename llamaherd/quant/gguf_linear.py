@@ -51,18 +51,27 @@ class GGUFLinear(nn.Module):
     them. The weight is kept as the buffer `data`: packed panels, or the GGUF rows as given.
     """
 
-    def __init__(self, data: torch.Tensor | np.ndarray, qtype: int | GGMLQuantizationType,
-                 in_features: int, out_features: int, *, kernels: bool | None = None) -> None:
+    def __init__(self, data: torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray],
+                 qtype: int | GGMLQuantizationType, in_features: int, out_features: int, *,
+                 kernels: bool | None = None) -> None:
+        """data: the GGUF rows, or a list of row blocks stacked in order (e.g. the q, k and v
+        projections as one fused layer, packed without first copying them together)."""
         super().__init__()
         qtype = GGMLQuantizationType(qtype)
-        data = _tensor(data)
-        expected = (out_features, row_bytes(qtype, in_features))
-        if data.dtype != torch.uint8 or tuple(data.shape) != expected:
+        parts = [_tensor(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
+        width = row_bytes(qtype, in_features)
+        if (any(p.dtype != torch.uint8 or p.dim() != 2 or p.shape[1] != width for p in parts)
+                or sum(p.shape[0] for p in parts) != out_features):
+            got = ", ".join(f"{p.dtype} {tuple(p.shape)}" for p in parts)
             raise ValueError(f"{qtype.name} weight of {out_features}x{in_features} needs uint8 "
-                             f"data of shape {expected}, got {data.dtype} {tuple(data.shape)}")
+                             f"data of shape {(out_features, width)}, got {got}")
         ops = _kernels_for(qtype, kernels)
-        self._setup(ops.repack(data, int(qtype)) if ops else data, qtype, in_features,
-                    out_features, packed=ops is not None)
+        if ops is not None:
+            data = ops.repack(parts, int(qtype))
+        else:
+            data = parts[0] if len(parts) == 1 else torch.from_numpy(
+                np.concatenate([p.numpy() for p in parts]))
+        self._setup(data, qtype, in_features, out_features, packed=ops is not None)
 
     def _setup(self, data: torch.Tensor, qtype: GGMLQuantizationType, in_features: int,
                out_features: int, packed: bool) -> None:
@@ -90,9 +99,8 @@ class GGUFLinear(nn.Module):
         if first.packed and any(layer.out_features % 16 for layer in layers[:-1]):
             # padded 16-row panels inside the result: back to GGUF rows and pack them again
             ops = kernels.load()
-            datas = [ops.repack(torch.cat([ops.unpack(layer.data, layer.qtype_id,
-                                                      layer.out_features) for layer in layers]),
-                                first.qtype_id)]
+            datas = [ops.repack([ops.unpack(layer.data, layer.qtype_id, layer.out_features)
+                                 for layer in layers], first.qtype_id)]
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         # numpy's single-threaded memcpy: torch.cat of uint8 with 2 threads is ~20x slower here
@@ -145,6 +153,11 @@ class GGUFEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.table.dequantize_rows(ids.reshape(-1).long())
         return rows.reshape(*ids.shape, self.embedding_dim)
+
+    @property
+    def packed(self) -> bool:
+        """Whether the rows are in the kernels' layout (a copy) rather than GGUF's."""
+        return self.table.packed
 
     def as_linear(self) -> GGUFLinear:
         """The same packed rows as a linear layer dim -> num_embeddings (tied output)."""
