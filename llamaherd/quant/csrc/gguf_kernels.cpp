@@ -394,6 +394,10 @@ void tile(const Activations& a, int64_t r0, const uint8_t* panel, float* out, in
 constexpr int HALF = PANEL / 2;  // panel rows per 256-bit vector
 constexpr int GROUP = 4;         // activation rows per pass over a half panel
 
+// The value passes through an empty asm: this keeps each running sum a chain of adds, which the
+// compiler would otherwise regroup into trees of partial sums that overflow the registers.
+inline void chain(__m256i& v) { asm("" : "+x"(v)); }
+
 template <int64_t QT, int G>
 void half_tile(const Activations& a, int64_t r0, const uint8_t* panel, int half, float* out,
                int64_t ldo, int64_t cols) {
@@ -445,6 +449,8 @@ void half_tile(const Activations& a, int64_t r0, const uint8_t* panel, int half,
           hi16[g] = _mm256_add_epi16(hi16[g], _mm256_maddubs_epi16(hi, xj));
         else  // high nibbles are elements 16 on
           lo16[g] = _mm256_add_epi16(lo16[g], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x[j + 4])));
+        chain(lo16[g]);
+        if constexpr (QT == Q8_0) chain(hi16[g]);
       }
     }
     for (int g = 0; g < G; ++g) {
