@@ -231,15 +231,18 @@ torch.save({"simd": kernels.load().simd(), "outputs": outputs}, sys.argv[2])
 """
 
 
-def test_every_instruction_set_variant_is_on_this_cpu():
+def test_kernel_isa_setting_is_checked(monkeypatch):
     if "avx2" in CPU_FLAGS:  # x86: the AVX2 code must be tested wherever it can run
         assert {"avx2", "scalar"} <= set(VARIANTS)
+    monkeypatch.setenv("LLAMAHERD_KERNEL_ISA", "sse9")
     with pytest.raises(ValueError, match="LLAMAHERD_KERNEL_ISA='sse9' is not one of native"):
-        os.environ["LLAMAHERD_KERNEL_ISA"] = "sse9"
-        try:
-            kernels.isa()
-        finally:
-            del os.environ["LLAMAHERD_KERNEL_ISA"]
+        kernels.isa()
+    monkeypatch.setenv("LLAMAHERD_KERNEL_ISA", "avx2")
+    monkeypatch.setattr(kernels, "_cpu_features", lambda: "flags : fpu sse2 avx fma")
+    with pytest.raises(ValueError, match="avx2 needs CPU features this CPU lacks: abm, avx2, bmi1"):
+        kernels.isa()
+    monkeypatch.setenv("LLAMAHERD_KERNEL_ISA", "scalar")
+    assert kernels.isa() == "scalar" and kernels.cflags() == kernels.CFLAGS
 
 
 @pytest.mark.parametrize("isa", VARIANTS)
