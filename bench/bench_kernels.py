@@ -6,6 +6,11 @@ one activation row (decode) and 512 rows (prefill), then times a whole decode st
 
     .venv/bin/python bench/bench_kernels.py [--threads 2]
     .venv/bin/python bench/bench_kernels.py --threads 1 --cpu-time   # on a busy shared machine
+    .venv/bin/python bench/bench_kernels.py --isa avx2,avx512 --threads 1 --cpu-time
+
+--isa builds the kernels for the named instruction sets (LLAMAHERD_KERNEL_ISA, e.g. the AVX2 code
+on an AVX-512 machine); with several, it times the decode step's matrices at batch 1 and 8 for each
+in its own process and prints them side by side.
 
 --cpu-time counts the process's CPU time instead of wall time: with one thread that is the time
 the kernels really ran, unaffected by other processes taking the cores (with several threads it
@@ -15,6 +20,10 @@ would also count threads spinning at barriers, so it needs --threads 1).
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -33,6 +42,14 @@ SHAPES = [  # (label, tensor)
     ("output   576->49152", "token_embd.weight"),
 ]
 LAYER_TENSORS = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+DECODE_MATRICES = [  # (label, tensors side by side): the matrices of a fused decode step
+    ("attn_o   576->576", ["blk.0.attn_output.weight"]),
+    ("qkv      576->960", ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight"]),
+    ("gate|up  576->3072", ["blk.0.ffn_gate.weight", "blk.0.ffn_up.weight"]),
+    ("ffn_down 1536->576", ["blk.0.ffn_down.weight"]),
+    ("output   576->49152", ["token_embd.weight"]),
+]
+DECODE_ROWS = (1, 8)
 
 
 clock = time.perf_counter
@@ -68,6 +85,37 @@ def shape_table(tensors: dict) -> None:
                   f"{d * 1e6:>12.1f} {dense.numel() * 4 / d / 1e9:>6.1f} | {f * 1e6:>11.1f}")
 
 
+def decode_matrix_times(tensors: dict) -> dict[str, dict[int, float]]:
+    """Microseconds per kernel matmul of each DECODE_MATRICES entry, for each of DECODE_ROWS."""
+    times: dict[str, dict[int, float]] = {}
+    for label, names in DECODE_MATRICES:
+        layer = GGUFLinear.concat([GGUFLinear.from_gguf(tensors[n]) for n in names])
+        times[label] = {}
+        for rows in DECODE_ROWS:
+            x = torch.randn(rows, layer.in_features)
+            times[label][rows] = 1e6 * seconds_per_call(lambda x=x, layer=layer: layer(x))
+    return times
+
+
+def compare_isas(isas: list[str], passed: list[str]) -> None:
+    """Time DECODE_MATRICES with the kernels built for each ISA, each in its own process."""
+    results = {}
+    for isa in isas:
+        env = dict(os.environ, LLAMAHERD_KERNEL_ISA=isa)
+        run = subprocess.run([sys.executable, __file__, *passed, "--matrices-json"], env=env,
+                             capture_output=True, text=True, check=True)
+        results[isa] = json.loads(run.stdout.splitlines()[-1])
+    simds = ", ".join(f"{isa}: {r['simd']}" for isa, r in results.items())
+    print(f"kernels per ISA ({simds}); microseconds per matmul, ratio to {isas[0]}")
+    print(f"{'matrix':<20} {'rows':>4} | " + " | ".join(f"{isa:>16}" for isa in isas))
+    for label, _ in DECODE_MATRICES:
+        for rows in DECODE_ROWS:
+            base = results[isas[0]]["times"][label][str(rows)]
+            cells = [f"{r['times'][label][str(rows)]:>9.1f} {r['times'][label][str(rows)] / base:>5.2f}x"
+                     for r in results.values()]
+            print(f"{label:<20} {rows:>4} | " + " | ".join(f"{c:>16}" for c in cells))
+
+
 def decode_step_time(tensors: dict, fused: bool) -> tuple[float, int]:
     """Seconds for one decode step's matmuls (batch 1) and the weight bytes they read."""
     layers: list[GGUFLinear] = []
@@ -93,7 +141,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cpu-time", action="store_true", help="time CPU use, not wall time")
+    parser.add_argument("--isa", help="comma-separated LLAMAHERD_KERNEL_ISA builds to time")
+    parser.add_argument("--matrices-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    isas = args.isa.split(",") if args.isa else []
+    if len(isas) > 1:
+        return compare_isas(isas, ["--threads", str(args.threads)] + ["--cpu-time"] * args.cpu_time)
+    if isas:
+        os.environ["LLAMAHERD_KERNEL_ISA"] = isas[0]
     if args.cpu_time:
         if args.threads != 1:
             parser.error("--cpu-time needs --threads 1")
@@ -103,9 +158,12 @@ def main() -> None:
     if not kernels.available():
         raise SystemExit("the GGUF kernels are not built: run `.venv/bin/python -m "
                          "llamaherd.quant.kernels`")
+    tensors = {t.name: t for t in GGUFReader(hub.pull("smollm2-135m-instruct")).tensors}
+    if args.matrices_json:
+        print(json.dumps({"simd": kernels.load().simd(), "times": decode_matrix_times(tensors)}))
+        return
     print(f"kernels: {kernels.load().simd()}, threads: {torch.get_num_threads()}, "
           f"{'CPU' if args.cpu_time else 'wall'} time")
-    tensors = {t.name: t for t in GGUFReader(hub.pull("smollm2-135m-instruct")).tensors}
     shape_table(tensors)
     for fused in (False, True):
         seconds, nbytes = decode_step_time(tensors, fused)

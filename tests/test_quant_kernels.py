@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_kernels_are_built_for_this_machine():
     assert kernels.available(), ("the GGUF C++ kernels failed to build or load: run "
                                  "`.venv/bin/python -m llamaherd.quant.kernels -v` to see why")
-    assert kernels.load().simd() in {"avx512_vnni", "scalar"}
+    assert kernels.load().simd() in {"avx512_vnni", "avx_vnni", "avx2", "scalar"}
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
@@ -222,3 +223,70 @@ def test_without_kernels_layers_fall_back_with_a_warning():
                          timeout=120, check=False)
     assert run.returncode == 0, run.stderr
     assert "GGUF C++ kernels unavailable (LLAMAHERD_NO_KERNELS=1)" in run.stdout
+
+
+# Builds of other instruction sets than this CPU's best, each tested in its own process: the ones
+# this CPU can run (on an AVX-512 machine, all of them).
+CPU_FLAGS = set(kernels._cpu_features().split())
+VARIANTS = [isa for isa in ("avx2", "avx_vnni", "scalar")
+            if kernels.ISA_CPU_FLAGS.get(isa, set()) <= CPU_FLAGS]
+VARIANT_SHAPES = [(576, 577), (1536, 40), (64, 5)]  # (in, out): odd, tail-panel and 1-panel rows
+VARIANT_ROWS = [1, 3, 8, 65]
+
+VARIANT_SCRIPT = """
+import sys, torch
+from llamaherd.quant import kernels
+from llamaherd.quant.gguf_linear import GGUFLinear
+cases = torch.load(sys.argv[1])
+outputs = [GGUFLinear(c["data"], c["qtype"], *c["shape"], kernels=True)(c["x"]) for c in cases]
+torch.save({"simd": kernels.load().simd(), "outputs": outputs}, sys.argv[2])
+"""
+
+
+def test_kernel_isa_setting_is_checked(monkeypatch):
+    if "avx2" in CPU_FLAGS:  # x86: the AVX2 code must be tested wherever it can run
+        assert {"avx2", "scalar"} <= set(VARIANTS)
+    monkeypatch.setenv("LLAMAHERD_KERNEL_ISA", "sse9")
+    with pytest.raises(ValueError, match="LLAMAHERD_KERNEL_ISA='sse9' is not one of native"):
+        kernels.isa()
+    monkeypatch.setenv("LLAMAHERD_KERNEL_ISA", "avx2")
+    monkeypatch.setattr(kernels, "_cpu_features", lambda: "flags : fpu sse2 avx fma")
+    with pytest.raises(ValueError, match="avx2 needs CPU features this CPU lacks: abm, avx2, bmi1"):
+        kernels.isa()
+    monkeypatch.setenv("LLAMAHERD_KERNEL_ISA", "scalar")
+    assert kernels.isa() == "scalar" and kernels.cflags() == kernels.CFLAGS
+
+
+@pytest.mark.parametrize("isa", VARIANTS)
+def test_instruction_set_variant_matches_native_kernels(isa, tmp_path):
+    """Build the kernels for `isa` in a subprocess; every type, shape and batch size must give
+    the native build's results (bit for bit for the vector paths, which compute the same integer
+    dots and then the same float ops) and the dequantized float32 reference's."""
+    cases = []
+    for qtype in KERNEL_TYPES:
+        for in_f, out_f in VARIANT_SHAPES:
+            data = torch.from_numpy(random_weights(qtype, out_f, in_f, seed=in_f + out_f))
+            for rows in VARIANT_ROWS:
+                x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows))
+                cases.append({"data": data, "qtype": int(qtype), "shape": (in_f, out_f), "x": x})
+    torch.save(cases, tmp_path / "cases.pt")
+    env = dict(os.environ, LLAMAHERD_KERNEL_ISA=isa)
+    run = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT, str(tmp_path / "cases.pt"),
+                          str(tmp_path / "out.pt")], env=env, capture_output=True, text=True,
+                         timeout=600, check=False, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr
+    result = torch.load(tmp_path / "out.pt")
+    assert result["simd"] == isa  # simd() names the path the build compiled
+    for case, y in zip(cases, result["outputs"], strict=True):
+        data, (in_f, out_f), x = case["data"], case["shape"], case["x"]
+        qtype = T(case["qtype"])
+        native = GGUFLinear(data, qtype, in_f, out_f, kernels=True)(x)
+        label = f"{qtype.name} {in_f}->{out_f}, {x.shape[0]} rows"
+        assert y.shape == native.shape, label
+        w = reference(data.numpy(), qtype)
+        emulated = (activations_as_kernels_see_them(x).double() @ w.double().T).float()
+        assert (y - emulated).abs().max() < 3e-5 * emulated.abs().mean(), label
+        if isa != "scalar" and kernels.load().simd() != "scalar":
+            assert torch.equal(y, native), label
+        else:  # the scalar code sums each row's blocks in another order
+            assert (y - native).abs().max() < 3e-5 * emulated.abs().mean(), label

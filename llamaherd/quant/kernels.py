@@ -3,7 +3,9 @@
 The extension is compiled once per (source, compiler flags, torch, Python, CPU features) into
 `<llamaherd cache>/ext/<hash>/` (~/.cache/llamaherd unless $LLAMAHERD_CACHE says otherwise), so
 loading an already built one is a plain import. Set
-`LLAMAHERD_NO_KERNELS=1` to force the pure-torch fallback.
+`LLAMAHERD_NO_KERNELS=1` to force the pure-torch fallback, and `LLAMAHERD_KERNEL_ISA` to one of
+ISA_FLAGS' names to build for another instruction set than this CPU's best (default "native"), e.g.
+to test the AVX2 code on an AVX-512 machine.
 """
 
 from __future__ import annotations
@@ -23,8 +25,21 @@ from llamaherd.hub import cache_dir
 
 NAME = "llamaherd_gguf_kernels"
 SOURCE = Path(__file__).parent / "csrc" / "gguf_kernels.cpp"
-CFLAGS = ("-O3", "-march=native", "-fopenmp")
+CFLAGS = ("-O3", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
+ISA_FLAGS = {  # LLAMAHERD_KERNEL_ISA -> target flags; the C++ source picks its code path from them
+    "native": ("-march=native",),
+    "avx512": ("-march=x86-64-v4", "-mavx512vnni"),
+    "avx_vnni": ("-march=x86-64-v3", "-mavxvnni"),
+    "avx2": ("-march=x86-64-v3",),  # AVX2, FMA, F16C: Haswell, Zen and later
+    "scalar": (),  # the compiler's default target: the portable C++ code
+}
+_X86_64_V3 = {"avx2", "fma", "f16c", "bmi1", "bmi2", "abm", "movbe"}
+ISA_CPU_FLAGS = {  # /proc/cpuinfo flags a CPU needs to run each fixed-ISA build
+    "avx512": _X86_64_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni"},
+    "avx_vnni": _X86_64_V3 | {"avx_vnni"},
+    "avx2": _X86_64_V3,
+}
 
 _module: ModuleType | None = None
 _tried = False
@@ -41,10 +56,27 @@ def _cpu_features() -> str:
     return platform.processor() or platform.machine()
 
 
+def isa() -> str:
+    """The instruction set to build for: $LLAMAHERD_KERNEL_ISA, checked against this CPU."""
+    name = os.environ.get("LLAMAHERD_KERNEL_ISA", "native")
+    if name not in ISA_FLAGS:
+        raise ValueError(f"LLAMAHERD_KERNEL_ISA={name!r} is not one of {', '.join(ISA_FLAGS)}")
+    missing = ISA_CPU_FLAGS.get(name, set()) - set(_cpu_features().split())
+    if missing:
+        raise ValueError(f"LLAMAHERD_KERNEL_ISA={name} needs CPU features this CPU lacks: "
+                         f"{', '.join(sorted(missing))}")
+    return name
+
+
+def cflags() -> tuple[str, ...]:
+    """Compiler flags for the selected instruction set."""
+    return CFLAGS + ISA_FLAGS[isa()]
+
+
 def build_dir() -> Path:
-    """The cache directory for the extension built from the current source on this machine."""
+    """The cache directory for the extension built from the current source and flags here."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
+    for part in (SOURCE.read_bytes(), " ".join(cflags() + LDFLAGS).encode(), torch.__version__.encode(),
                  sys.version.encode(), _cpu_features().encode()):
         key.update(part)
     return cache_dir() / "ext" / key.hexdigest()[:16]
@@ -69,7 +101,7 @@ def build(verbose: bool = False) -> None:
     from torch.utils.cpp_extension import load  # slow import, needed only to compile
 
     directory.mkdir(parents=True, exist_ok=True)
-    load(name=NAME, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+    load(name=NAME, sources=[str(SOURCE)], extra_cflags=list(cflags()), extra_ldflags=list(LDFLAGS),
          build_directory=str(directory), verbose=verbose)
 
 
@@ -78,6 +110,7 @@ def load() -> ModuleType | None:
     global _module, _tried
     if _tried:
         return _module
+    isa()  # a bad or unsupported $LLAMAHERD_KERNEL_ISA is an error, not a reason to fall back
     _tried = True
     if os.environ.get("LLAMAHERD_NO_KERNELS") == "1":
         reason = "LLAMAHERD_NO_KERNELS=1"
