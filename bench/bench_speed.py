@@ -7,7 +7,9 @@ to bench/results/speed.png.
     .venv/bin/python bench/bench_speed.py [--model smollm2-135m-instruct] [--threads 2] [--runs 3]
 
 Figures: load (s), prefill tok/s (one 512-token prompt of random ids), decode tok/s (batch 1,
-128 greedy tokens after a chat prompt in the model's own format), decode aggregate tok/s at batch 8, peak RSS (MB).
+128 greedy tokens after a chat prompt in the model's own format), decode aggregate tok/s at batch 8,
+peak RSS (MB), and the model's memory: peak RSS minus the RSS of the runtime after its imports
+(Python, torch or libllama), next to 1.5 x the GGUF file plus the largest KV cache the run made.
 llama-cpp-python is optional (`bash bench/build_llama_cpp.sh`); transformers is in the test extras.
 """
 
@@ -42,6 +44,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _rss_mb() -> float:
+    """Current resident memory: taken after the imports, it is the runtime's own baseline."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
 def _prefill_ids() -> list[int]:
     import random
 
@@ -60,6 +68,10 @@ def run_llamaherd(path: str, threads: int, mode: str, chat: list[int]) -> dict[s
     from llamaherd.generation.sampling import SamplingParams
 
     torch.set_num_threads(threads)
+    from llamaherd.quant import kernels
+
+    kernels.load()  # part of the runtime (built once by the set-up), not of the model
+    baseline = _rss_mb()
     t0 = time.perf_counter()  # like llama.cpp's figure: the load call, imports done before
     llm = llamaherd.load(path, dtype=None if mode == "native" else mode)
     load_s = time.perf_counter() - t0
@@ -85,13 +97,18 @@ def run_llamaherd(path: str, threads: int, mode: str, chat: list[int]) -> dict[s
 
         decode1 = decode(1)
         decode8 = decode(BATCH)
+    a = model.args  # float32 keys and values; the largest cache set up above
+    per_position = a.n_layers * 2 * a.n_kv_heads * a.head_dim * 4
+    positions = max(PREFILL_LEN + 1, BATCH * (len(chat) + DECODE_LEN + 8))
     return {"load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": decode1,
-            "decode_b8_tok_s": decode8, "peak_rss_mb": _peak_rss_mb()}
+            "decode_b8_tok_s": decode8, "peak_rss_mb": _peak_rss_mb(),
+            "runtime_rss_mb": baseline, "kv_cache_mb": positions * per_position / 2**20}
 
 
 def run_llama_cpp(path: str, threads: int, mode: str, chat: list[int]) -> dict[str, float]:
     from llama_cpp import Llama
 
+    baseline = _rss_mb()
     t0 = time.perf_counter()
     llm = Llama(model_path=path, n_ctx=2048, n_threads=threads, n_threads_batch=threads,
                 n_batch=512, verbose=False)
@@ -112,7 +129,18 @@ def run_llama_cpp(path: str, threads: int, mode: str, chat: list[int]) -> dict[s
     # llama-cpp-python's high-level API decodes one sequence at a time; batch-8 aggregate is
     # reported as not measured rather than as an 8-sequence figure it cannot produce.
     return {"load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": decode1,
-            "decode_b8_tok_s": float("nan"), "peak_rss_mb": _peak_rss_mb()}
+            "decode_b8_tok_s": float("nan"), "peak_rss_mb": _peak_rss_mb(),
+            "runtime_rss_mb": baseline, "kv_cache_mb": llm.n_ctx() * _kv_bytes_f16(llm) / 2**20}
+
+
+def _kv_bytes_f16(llm) -> float:
+    """llama.cpp's cache per position: float16 keys and values of every layer."""
+    meta = llm.metadata
+    arch = meta["general.architecture"]
+    layers, heads = int(meta[f"{arch}.block_count"]), int(meta[f"{arch}.attention.head_count"])
+    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+    head_dim = int(meta[f"{arch}.embedding_length"]) // heads
+    return layers * 2 * kv_heads * head_dim * 2
 
 
 def run_transformers(path: str, threads: int, mode: str, chat: list[int]) -> dict[str, float]:
@@ -121,6 +149,7 @@ def run_transformers(path: str, threads: int, mode: str, chat: list[int]) -> dic
 
     torch.set_num_threads(threads)
     p = Path(path)
+    baseline = _rss_mb()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
     load_s = time.perf_counter() - t0
@@ -140,8 +169,13 @@ def run_transformers(path: str, threads: int, mode: str, chat: list[int]) -> dic
 
         decode1 = decode(1, 64)
         decode8 = decode(BATCH, 32)
+    c = model.config  # float32 keys and values; the largest cache made above
+    per_position = c.num_hidden_layers * 2 * c.num_key_value_heads * (
+        c.hidden_size // c.num_attention_heads) * 4
+    positions = max(PREFILL_LEN, BATCH * (len(chat) + 32))
     return {"load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": decode1,
-            "decode_b8_tok_s": decode8, "peak_rss_mb": _peak_rss_mb()}
+            "decode_b8_tok_s": decode8, "peak_rss_mb": _peak_rss_mb(),
+            "runtime_rss_mb": baseline, "kv_cache_mb": positions * per_position / 2**20}
 
 
 RUNNERS = {"llamaherd": run_llamaherd, "llama.cpp": run_llama_cpp,
@@ -211,6 +245,13 @@ def report(results: dict[str, dict], a: argparse.Namespace, path: str) -> None:
                 ratio = f" ({x:.2f}x)"
             cells.append(f"{v:9.2f}{ratio:>8s}")
         print(f"{engine:14s}" + "".join(f"{c:>17s}" for c in cells))
+    gguf_mb = Path(path).stat().st_size / 2**20
+    print(f"\nmemory (MB): the model's = peak RSS - the runtime's RSS after its imports; "
+          f"target <= 1.5 x GGUF ({gguf_mb:.0f}) + KV cache")
+    for engine, r in results.items():
+        model_mb, budget = r["peak_rss_mb"] - r["runtime_rss_mb"], 1.5 * gguf_mb + r["kv_cache_mb"]
+        print(f"  {engine:14s} runtime {r['runtime_rss_mb']:6.0f}  model {model_mb:6.0f}  "
+              f"(KV {r['kv_cache_mb']:.0f}, target {budget:.0f}: {model_mb / budget:.2f}x)")
     if "llamaherd" in results:
         r = results["llamaherd"]
         print(f"llamaherd batch-8 / batch-1 decode: {r['decode_b8_tok_s'] / r['decode_tok_s']:.2f}x")

@@ -844,18 +844,21 @@ std::string simd() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The GIL is released while the kernels run, so other Python threads (a server's event loop)
+  // go on meanwhile.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.doc() = "Integer-dot matmul kernels for GGUF Q4_0, Q4_1 and Q8_0 weights";
-  m.def("repack", &repack, "GGUF rows uint8 [N_i, bytes] of stacked matrices -> 16-row panels");
-  m.def("unpack", &unpack, "16-row panels -> the first `rows` GGUF rows");
-  m.def("dequantize_rows", &dequantize_rows, "rows `ids` of packed weights -> float32 [n, K]");
-  m.def("matmul", &matmul, "x float32 [..., K] @ packed W^T (N rows) -> float32 [..., N]");
-  m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows [..., K] with weight [K]");
+  m.def("repack", &repack, nogil, "GGUF rows uint8 [N_i, bytes] of stacked matrices -> 16-row panels");
+  m.def("unpack", &unpack, nogil, "16-row panels -> the first `rows` GGUF rows");
+  m.def("dequantize_rows", &dequantize_rows, nogil, "rows `ids` of packed weights -> float32 [n, K]");
+  m.def("matmul", &matmul, nogil, "x float32 [..., K] @ packed W^T (N rows) -> float32 [..., N]");
+  m.def("rms_norm", &rms_norm, nogil, "RMSNorm of float32 rows [..., K] with weight [K]");
   m.def("simd", &simd, "the instruction set the kernels were compiled for");
   py::class_<Decoder>(m, "Decoder", "every layer of a packed model for one new token per sequence")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, torch::Tensor>(),
            py::arg("dim"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"),
            py::arg("hidden_dim"), py::arg("eps"), py::arg("freqs"))
       .def("add_layer", &Decoder::add_layer)
-      .def("forward", &Decoder::forward, py::arg("h"), py::arg("rows"), py::arg("pos"),
+      .def("forward", &Decoder::forward, nogil, py::arg("h"), py::arg("rows"), py::arg("pos"),
            py::arg("k"), py::arg("v"));
 }
