@@ -142,6 +142,19 @@ def test_n_completions_of_a_cached_prompt_all_match(model, tokenizer) -> None:
     assert [c.token_ids for c in sampled] == [c.token_ids for c in fresh]
 
 
+def test_a_group_whose_leader_is_cancelled_before_prefill_starts_afresh(model,
+                                                                       tokenizer) -> None:
+    engine = Engine(model, tokenizer, rows=3)
+    complete(engine, SYSTEM + Q1)
+    leader, member = engine.add_group(SYSTEM + Q2, SamplingParams(n=2, max_new_tokens=8,
+                                                                  **GREEDY))
+    assert leader.cached_tokens == member.cached_tokens == len(SYSTEM)
+    engine.cancel(leader)
+    assert member.cached_tokens == 0
+    drain(engine)
+    assert member.output_ids == reference_greedy(model, SYSTEM + Q2, 8)
+
+
 def test_an_identical_prompt_still_prefills_its_last_token(model, tokenizer) -> None:
     engine = Engine(model, tokenizer, rows=1)
     [first] = complete(engine, SYSTEM + Q1)

@@ -173,6 +173,8 @@ class Engine:
                     group.remove(seq)
                     if not group:
                         self._waiting.remove(group)
+                    for s in group:  # a new leader is prefilled from its pos, 0
+                        s.cached_tokens = group[0].pos
                     break
             if seq in self._running:
                 self._running.remove(seq)
@@ -249,6 +251,7 @@ class Engine:
         rows = None if seq.row == 0 else torch.tensor([seq.row], device=self.device)
         return self.model(torch.tensor([tokens], device=self.device), pos, rows)[0]
 
+    @torch.inference_mode()  # also called from add, where the caller's mode is unknown
     def _copy_row(self, src: int, dst: int, n: int, start: int = 0) -> None:
         """Copy positions start..n-1 of cache row src into row dst."""
         for layer in self.model.layers:
