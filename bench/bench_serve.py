@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
 import platform
 import statistics
@@ -45,6 +47,7 @@ PROMPTS = [
 SYSTEM_PROMPT = "You are the writing assistant of a small publishing house. " + " ".join(
     f"Guideline {i}: write vivid, concrete prose, keep a steady voice, and prefer short "
     f"paragraphs over long ones." for i in range(1, 18))
+READERS = itertools.count()  # makes every question behind the system prompt unique
 
 
 async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
@@ -85,7 +88,7 @@ async def level(url: str, model: str, streams: int, max_tokens: int, usage: bool
     system prompt, each question is made unique (a shared prefix, never a whole shared prompt)."""
     def prompt(i: int) -> str:
         question = PROMPTS[i % len(PROMPTS)]
-        return question if system is None else f"{question} (reader {streams}-{i})"
+        return question if system is None else f"{question} (reader {next(READERS)})"
 
     async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
         start = time.perf_counter()
@@ -105,20 +108,30 @@ def measure(name: str, server: ServerProcess, levels: list[int], max_tokens: int
     request within `warmup_timeout` seconds."""
     print(f"starting {name} ...", file=sys.stderr, flush=True)
     with server:
-        model = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
-        try:
-            asyncio.run(asyncio.wait_for(level(server.url, model, 1, 8, usage, system),
-                                         warmup_timeout))
-        except (TimeoutError, asyncio.TimeoutError, httpx.HTTPError) as e:
-            raise RuntimeError(f"{name} did not answer a warm-up request within "
-                               f"{warmup_timeout:.0f}s ({type(e).__name__})") from e
+        model = warm_up(name, server, usage, warmup_timeout, system)
         out = []
         for n in levels:
             row = asyncio.run(level(server.url, model, n, max_tokens, usage, system))
-            print(f"  {name:10s} {n:3d} streams: {row['tokens_per_s']:7.1f} tok/s, "
-                  f"TTFT {row['ttft_mean_s'] * 1000:7.0f} ms", file=sys.stderr, flush=True)
+            show(name, row)
             out.append(row)
     return out
+
+
+def warm_up(name: str, server: ServerProcess, usage: bool, timeout: float,
+            system: str | None = None) -> str:
+    """The served model's id, once the server has answered a short request."""
+    model = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    try:
+        asyncio.run(asyncio.wait_for(level(server.url, model, 1, 8, usage, system), timeout))
+    except (TimeoutError, asyncio.TimeoutError, httpx.HTTPError) as e:
+        raise RuntimeError(f"{name} did not answer a warm-up request within "
+                           f"{timeout:.0f}s ({type(e).__name__})") from e
+    return model
+
+
+def show(name: str, row: dict[str, Any]) -> None:
+    print(f"  {name:10s} {row['streams']:3d} streams: {row['tokens_per_s']:7.1f} tok/s, "
+          f"TTFT {row['ttft_mean_s'] * 1000:7.0f} ms", file=sys.stderr, flush=True)
 
 
 def llama_cpp_server(model_path: Path, threads: int) -> ServerProcess | str:
@@ -158,20 +171,41 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def shared_prefix(model: str, levels: list[int], max_tokens: int, threads: int,
+def shared_prefix(model: str, levels: list[int], max_tokens: int, threads: int, rounds: int,
                   save: bool) -> None:
-    """Prefix caching on vs off, every request behind the same long system prompt."""
-    results: dict[str, list[dict[str, Any]]] = {}
-    for name, switch in (("cached", "--prefix-cache"), ("uncached", "--no-prefix-cache")):
-        server = llamaherd_server(model, "--max-seqs", str(max(levels)), "--ctx-size", "1024",
-                                  switch, threads=threads)
-        results[name] = measure(name, server, levels, max_tokens, usage=True,
-                                system=SYSTEM_PROMPT)
+    """Prefix caching on vs off, every request behind the same long system prompt.
+
+    Both servers run at once and take turns, level by level, `rounds` times, so that a change in
+    the machine's load hits both alike; each figure is the median over the rounds.
+    """
+    switches = {"cached": "--prefix-cache", "uncached": "--no-prefix-cache"}
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {n: {k: [] for k in levels}
+                                                        for n in switches}
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for name, switch in switches.items():
+            print(f"starting {name} ...", file=sys.stderr, flush=True)
+            servers[name] = stack.enter_context(llamaherd_server(
+                model, "--max-seqs", str(max(levels)), "--ctx-size", "1024", switch,
+                threads=threads))
+            served = warm_up(name, servers[name], True, 180.0, SYSTEM_PROMPT)
+        for k in levels:
+            for _ in range(rounds):
+                for name, server in servers.items():
+                    row = asyncio.run(level(server.url, served, k, max_tokens, True,
+                                            SYSTEM_PROMPT))
+                    show(name, row)
+                    runs[name][k].append(row)
+    results = {name: [{"streams": k, "rounds": rounds,
+                       **{key: statistics.median(r[key] for r in by_level[k])
+                          for key in ("tokens", "wall_s", "tokens_per_s", "ttft_mean_s",
+                                      "ttft_max_s")}} for k in levels]
+               for name, by_level in runs.items()}
     print(table(results))
     if save:
         PREFIX_RESULTS.parent.mkdir(parents=True, exist_ok=True)
         PREFIX_RESULTS.write_text(json.dumps({
-            "model": model, "threads": threads, "max_tokens": max_tokens,
+            "model": model, "threads": threads, "max_tokens": max_tokens, "rounds": rounds,
             "system_prompt_chars": len(SYSTEM_PROMPT), "machine": platform.platform(),
             "python": platform.python_version(), "results": results}, indent=2) + "\n")
         print(f"wrote {PREFIX_RESULTS}", file=sys.stderr)
@@ -187,11 +221,14 @@ def main() -> None:
     ap.add_argument("--skip-llama-cpp", action="store_true")
     ap.add_argument("--shared-prefix", action="store_true",
                     help="llamaherd with prefix caching on vs off, a ~400-token system prompt")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="--shared-prefix: turns per level for each server (median reported)")
     args = ap.parse_args()
     levels = [1, 2] if args.smoke else [int(x) for x in args.levels.split(",")]
     max_tokens = 8 if args.smoke else args.max_tokens
     if args.shared_prefix:
-        shared_prefix(args.model, levels, max_tokens, args.threads, save=not args.smoke)
+        shared_prefix(args.model, levels, max_tokens, args.threads,
+                      1 if args.smoke else args.rounds, save=not args.smoke)
         return
     model_path = hub.pull(args.model) if args.model in hub.REGISTRY else Path(args.model)
 
