@@ -3,17 +3,24 @@ streamed chat answers, llamaherd's server against llama-cpp-python's OpenAI serv
 
     .venv/bin/python bench/bench_serve.py [--threads 2] [--levels 1,4,8,16] [--max-tokens 128]
     .venv/bin/python bench/bench_serve.py --smoke      # a few seconds: levels 1,2 and 8 tokens
+    .venv/bin/python bench/bench_serve.py --shared-prefix   # prefix caching on vs off
 
 Every stream asks for `--max-tokens` tokens of a long answer; tokens are counted from the
 server's usage report when it sends one, else one per content chunk. Results go to
 bench/results/serve.json. llama-cpp-python is optional: without it (or its server extras) only
 llamaherd is measured, and the script says so.
+
+--shared-prefix measures llamaherd alone, with prefix caching on and off (`--no-prefix-cache`):
+every request starts with the same ~400-token system prompt and asks its own question, as a chat
+application's requests do (results in bench/results/serve_prefix.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
 import platform
 import statistics
@@ -29,20 +36,28 @@ from llamaherd.hub import DEFAULT_MODEL
 from llamaherd.serve.launch import ServerProcess, free_port, llamaherd_server
 
 RESULTS = Path(__file__).parent / "results" / "serve.json"
+PREFIX_RESULTS = Path(__file__).parent / "results" / "serve_prefix.json"
 PROMPTS = [
     "Write a long story about a lighthouse keeper.",
     "Explain in detail how a bicycle works.",
     "Describe a journey across the desert, step by step.",
     "Write a long letter to a friend about your garden.",
 ]
+# about 400 tokens for the SmolLM2 tokenizer (--shared-prefix)
+SYSTEM_PROMPT = "You are the writing assistant of a small publishing house. " + " ".join(
+    f"Guideline {i}: write vivid, concrete prose, keep a steady voice, and prefer short "
+    f"paragraphs over long ones." for i in range(1, 18))
+READERS = itertools.count()  # makes every question behind the system prompt unique
 
 
 async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
-                     usage: bool) -> dict[str, float]:
+                     usage: bool, system: str | None = None) -> dict[str, float]:
     """One streamed chat answer: seconds to the first content, total seconds, tokens."""
+    messages = [{"role": "user", "content": prompt}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
     body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "temperature": 0.8,
-                            "seed": 1, "stream": True,
-                            "messages": [{"role": "user", "content": prompt}]}
+                            "seed": 1, "stream": True, "messages": messages}
     if usage:
         body["stream_options"] = {"include_usage": True}
     start = time.perf_counter()
@@ -67,12 +82,18 @@ async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tok
             "tokens": float(reported if reported is not None else chunks)}
 
 
-async def level(url: str, model: str, streams: int, max_tokens: int, usage: bool) -> dict[str, Any]:
-    """`streams` concurrent answers; aggregate tokens/s over the wall time of all of them."""
+async def level(url: str, model: str, streams: int, max_tokens: int, usage: bool,
+                system: str | None = None) -> dict[str, Any]:
+    """`streams` concurrent answers; aggregate tokens/s over the wall time of all of them. With a
+    system prompt, each question is made unique (a shared prefix, never a whole shared prompt)."""
+    def prompt(i: int) -> str:
+        question = PROMPTS[i % len(PROMPTS)]
+        return question if system is None else f"{question} (reader {next(READERS)})"
+
     async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
         start = time.perf_counter()
-        runs = await asyncio.gather(*(one_stream(client, model, PROMPTS[i % len(PROMPTS)],
-                                                 max_tokens, usage) for i in range(streams)))
+        runs = await asyncio.gather(*(one_stream(client, model, prompt(i), max_tokens, usage,
+                                                 system) for i in range(streams)))
         wall = time.perf_counter() - start
     tokens = sum(r["tokens"] for r in runs)
     ttfts = [r["ttft"] for r in runs]
@@ -81,24 +102,36 @@ async def level(url: str, model: str, streams: int, max_tokens: int, usage: bool
 
 
 def measure(name: str, server: ServerProcess, levels: list[int], max_tokens: int,
-            usage: bool, warmup_timeout: float = 180.0) -> list[dict[str, Any]]:
+            usage: bool, warmup_timeout: float = 180.0,
+            system: str | None = None) -> list[dict[str, Any]]:
     """Run every level against `server`; raises RuntimeError if it cannot answer a short warm-up
     request within `warmup_timeout` seconds."""
     print(f"starting {name} ...", file=sys.stderr, flush=True)
     with server:
-        model = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
-        try:
-            asyncio.run(asyncio.wait_for(level(server.url, model, 1, 8, usage), warmup_timeout))
-        except (TimeoutError, asyncio.TimeoutError, httpx.HTTPError) as e:
-            raise RuntimeError(f"{name} did not answer a warm-up request within "
-                               f"{warmup_timeout:.0f}s ({type(e).__name__})") from e
+        model = warm_up(name, server, usage, warmup_timeout, system)
         out = []
         for n in levels:
-            row = asyncio.run(level(server.url, model, n, max_tokens, usage))
-            print(f"  {name:10s} {n:3d} streams: {row['tokens_per_s']:7.1f} tok/s, "
-                  f"TTFT {row['ttft_mean_s'] * 1000:7.0f} ms", file=sys.stderr, flush=True)
+            row = asyncio.run(level(server.url, model, n, max_tokens, usage, system))
+            show(name, row)
             out.append(row)
     return out
+
+
+def warm_up(name: str, server: ServerProcess, usage: bool, timeout: float,
+            system: str | None = None) -> str:
+    """The served model's id, once the server has answered a short request."""
+    model = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    try:
+        asyncio.run(asyncio.wait_for(level(server.url, model, 1, 8, usage, system), timeout))
+    except (TimeoutError, asyncio.TimeoutError, httpx.HTTPError) as e:
+        raise RuntimeError(f"{name} did not answer a warm-up request within "
+                           f"{timeout:.0f}s ({type(e).__name__})") from e
+    return model
+
+
+def show(name: str, row: dict[str, Any]) -> None:
+    print(f"  {name:10s} {row['streams']:3d} streams: {row['tokens_per_s']:7.1f} tok/s, "
+          f"TTFT {row['ttft_mean_s'] * 1000:7.0f} ms", file=sys.stderr, flush=True)
 
 
 def llama_cpp_server(model_path: Path, threads: int) -> ServerProcess | str:
@@ -138,6 +171,46 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def shared_prefix(model: str, levels: list[int], max_tokens: int, threads: int, rounds: int,
+                  save: bool) -> None:
+    """Prefix caching on vs off, every request behind the same long system prompt.
+
+    Both servers run at once and take turns, level by level, `rounds` times, so that a change in
+    the machine's load hits both alike; each figure is the median over the rounds.
+    """
+    switches = {"cached": "--prefix-cache", "uncached": "--no-prefix-cache"}
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {n: {k: [] for k in levels}
+                                                        for n in switches}
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for name, switch in switches.items():
+            print(f"starting {name} ...", file=sys.stderr, flush=True)
+            servers[name] = stack.enter_context(llamaherd_server(
+                model, "--max-seqs", str(max(levels)), "--ctx-size", "1024", switch,
+                threads=threads))
+            served = warm_up(name, servers[name], True, 180.0, SYSTEM_PROMPT)
+        for k in levels:
+            for _ in range(rounds):
+                for name, server in servers.items():
+                    row = asyncio.run(level(server.url, served, k, max_tokens, True,
+                                            SYSTEM_PROMPT))
+                    show(name, row)
+                    runs[name][k].append(row)
+    results = {name: [{"streams": k, "rounds": rounds,
+                       **{key: statistics.median(r[key] for r in by_level[k])
+                          for key in ("tokens", "wall_s", "tokens_per_s", "ttft_mean_s",
+                                      "ttft_max_s")}} for k in levels]
+               for name, by_level in runs.items()}
+    print(table(results))
+    if save:
+        PREFIX_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        PREFIX_RESULTS.write_text(json.dumps({
+            "model": model, "threads": threads, "max_tokens": max_tokens, "rounds": rounds,
+            "system_prompt_chars": len(SYSTEM_PROMPT), "machine": platform.platform(),
+            "python": platform.python_version(), "results": results}, indent=2) + "\n")
+        print(f"wrote {PREFIX_RESULTS}", file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -146,9 +219,17 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--smoke", action="store_true", help="levels 1,2 with 8 tokens, no JSON")
     ap.add_argument("--skip-llama-cpp", action="store_true")
+    ap.add_argument("--shared-prefix", action="store_true",
+                    help="llamaherd with prefix caching on vs off, a ~400-token system prompt")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="--shared-prefix: turns per level for each server (median reported)")
     args = ap.parse_args()
     levels = [1, 2] if args.smoke else [int(x) for x in args.levels.split(",")]
     max_tokens = 8 if args.smoke else args.max_tokens
+    if args.shared_prefix:
+        shared_prefix(args.model, levels, max_tokens, args.threads,
+                      1 if args.smoke else args.rounds, save=not args.smoke)
+        return
     model_path = hub.pull(args.model) if args.model in hub.REGISTRY else Path(args.model)
 
     results: dict[str, list[dict[str, Any]]] = {}

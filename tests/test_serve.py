@@ -77,7 +77,11 @@ def test_streaming_gives_the_same_text_as_a_whole_answer(client: openai.OpenAI) 
     assert text == whole.choices[0].message.content
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == whole.choices[0].finish_reason and not any(finishes[:-1])
-    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.prompt_tokens == whole.usage.prompt_tokens
+    # the same prompt again: all of it is in the cache but its last token, which is prefilled
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
 
 
 def test_n_choices_each_come_back_with_their_index(client: openai.OpenAI) -> None:
@@ -90,6 +94,38 @@ def test_n_choices_each_come_back_with_their_index(client: openai.OpenAI) -> Non
                                             stream=True)
     finished = {c.choices[0].index for c in stream if c.choices and c.choices[0].finish_reason}
     assert finished == {0, 1}
+
+
+def test_a_shared_system_prompt_is_served_from_the_cache(server: str,
+                                                         client: openai.OpenAI) -> None:
+    system = {"role": "system", "content": "You are the help desk of a city library. " + " ".join(
+        f"Rule {i}: be brief, be polite, and check the catalogue before answering." for i in
+        range(25))}  # about 450 tokens
+    chats = [[system, {"role": "user", "content": q}]
+             for q in ("When do you open?", "Can I renew a book online?")]
+    texts = [system["content"] + " Hi", system["content"] + " Bye"]
+
+    def tokens(**body: object) -> list[int]:
+        return httpx.post(server + "/tokenize", json=body).json()["tokens"]
+
+    def shared(a: list[int], b: list[int]) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    first, second = (client.chat.completions.create(model=DEFAULT_MODEL, messages=m,
+                                                    max_tokens=4, temperature=0).usage
+                     for m in chats)
+    expected = shared(*(tokens(messages=m) for m in chats))
+    assert expected > 400 and first.prompt_tokens_details.cached_tokens < 10
+    assert second.prompt_tokens_details.cached_tokens == expected
+    hi, bye = (client.completions.create(model=DEFAULT_MODEL, prompt=t, max_tokens=2,
+                                         temperature=0).usage for t in texts)
+    expected_text = shared(*(tokens(prompt=t) for t in texts))
+    assert hi.prompt_tokens_details.cached_tokens == 0  # no chat template in front of it
+    assert bye.prompt_tokens_details.cached_tokens == expected_text > 400
+    metrics = httpx.get(server + "/metrics").text
+    counted = next(float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("llamaherd_prompt_tokens_cached_total "))
+    assert counted >= expected + expected_text
 
 
 def test_logprobs_report_the_chosen_token_and_alternatives(client: openai.OpenAI) -> None:

@@ -61,7 +61,7 @@ class Scheduler:
     """Owns an Engine and the thread that steps it."""
 
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, max_queue: int = 64,
-                 report: Callable[[int, int, int], None] | None = None,
+                 report: Callable[[int, int, int, int], None] | None = None,
                  threads: int | None = None) -> None:
         self.engine = engine
         # torch threads for the engine thread. The caller should keep its own thread at 1: two
@@ -71,8 +71,8 @@ class Scheduler:
         self.loop = loop
         self.max_seqs = engine.rows
         self.max_queue = max_queue
-        # report(running sequences, waiting jobs, tokens generated): after every step and every
-        # change of the queue (may be called from either thread)
+        # report(running sequences, waiting jobs, tokens generated, prompt tokens found in the
+        # cache): after every step and every change of the queue (may be called from either thread)
         self.report = report
         self._cv = threading.Condition()
         self._waiting: deque[Job] = deque()
@@ -121,10 +121,10 @@ class Scheduler:
             self._cancelled.append(job)
             self._cv.notify()
 
-    def _report(self, tokens: int) -> None:
+    def _report(self, tokens: int, cached: int = 0) -> None:
         if self.report is not None:
             with self._cv:  # one report at a time, so the last one written is the latest state
-                self.report(len(self._owner), len(self._waiting), tokens)
+                self.report(len(self._owner), len(self._waiting), tokens, cached)
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -142,10 +142,9 @@ class Scheduler:
             for job in cancelled:
                 self._drop(job)
                 self._post([(job, JobCancelled())])
+            cached = sum(self._add(job) for job in admitted)
             if cancelled or admitted:
-                self._report(0)
-            for job in admitted:
-                self._add(job)
+                self._report(0, cached)
             if self.engine.idle:
                 continue
             try:
@@ -166,18 +165,23 @@ class Scheduler:
             admitted.append(job)
         return admitted
 
-    def _add(self, job: Job) -> None:
+    def _add(self, job: Job) -> int:
+        """Hand the job to the engine; returns its prompt tokens found in the cache (counted once
+        per prefill, as the prompt tokens are)."""
         try:
             if len(job.choices) == 1:
                 seqs = self.engine.add_group(job.prompt_ids, job.choices[0])
+                cached = seqs[0].cached_tokens  # one prefill for the whole group
             else:
                 seqs = [self.engine.add(job.prompt_ids, replace(p, n=1)) for p in job.choices]
+                cached = sum(s.cached_tokens for s in seqs)
         except ValueError as e:
             self._post([(job, e)])
-            return
+            return 0
         job.seqs = seqs
         for s in seqs:
             self._owner[s.id] = job
+        return cached
 
     def _drop(self, job: Job) -> None:
         for s in job.seqs:

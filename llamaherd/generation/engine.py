@@ -4,6 +4,10 @@ Every entry point (Python API, CLI, transformers-style wrapper, HTTP server) dri
 engine. A step prefills the sequences added since the last step (one right-padded forward) and
 decodes one token for every running sequence (one forward over all rows, each at its own
 position), so requests can join and leave between steps (continuous batching).
+
+Prefix caching: the engine remembers which tokens each row's cache holds, also after its sequence
+has finished. A new prompt takes the free row sharing the longest prefix with it (or gets a longer
+prefix copied from a running sequence's row) and only the rest of the prompt is prefilled.
 """
 
 from __future__ import annotations
@@ -16,6 +20,21 @@ from llamaherd.generation.sampling import SamplingParams
 from llamaherd.generation.sequence import Event, Sequence
 from llamaherd.model import Transformer
 
+# A prefix is copied from a running sequence's row only if that saves at least this many prefill
+# tokens: the copy is two tensor writes per layer, which costs about as much as a few more tokens
+# in the batched prefill. (A free row's own prefix is reused at any length: it is already there.)
+MIN_COPY_TOKENS = 16
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
 
 class ContextWindowError(ValueError):
     """A prompt does not fit the context window."""
@@ -27,25 +46,33 @@ def cache_dtype(model: Transformer) -> torch.dtype:
 
 
 class Engine:
-    """Owns the model's KV cache: `rows` independent slots of `max_len` positions each."""
+    """Owns the model's KV cache: `rows` independent slots of `max_len` positions each.
+
+    prefix_cache: reuse the keys and values of a prompt prefix already in the cache (see above).
+    """
 
     def __init__(self, model: Transformer, tokenizer: Any, rows: int = 1,
-                 max_len: int | None = None) -> None:
+                 max_len: int | None = None, prefix_cache: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.rows = rows
         self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
         self.device = model.rope_freqs.device
-        self._free = list(range(rows))
+        self.prefix_cache = prefix_cache
+        self._free = list(range(rows))  # least recently freed first
         self._waiting: list[list[Sequence]] = []  # groups sharing one prompt, not prefilled yet
         self._running: list[Sequence] = []
         self._holders: dict[int, Sequence] = {}  # sequence id -> sequence, for each held row
+        # the tokens whose keys/values a free row holds at positions 0, 1, ...; a held row's are
+        # its holder's all_ids[:pos], and the list is rewritten when the row is freed again
+        self._row_ids: list[list[int]] = [[] for _ in range(rows)]
         self._cache = None
         self._setup_cache()
 
     def _setup_cache(self) -> None:
         self.model.setup_cache(self.rows, self.max_len, cache_dtype(self.model))
         self._cache = self.model.layers[0].attention.cache
+        self._row_ids = [[] for _ in range(self.rows)]
 
     def _check_cache(self) -> None:
         """Re-create the cache if someone else replaced it (only possible while idle)."""
@@ -102,25 +129,52 @@ class Engine:
             raise RuntimeError(f"{params.n} cache rows needed but only {len(self._free)} of "
                                f"{self.rows} are free")
         ids, dropped = self.fit_prompt(prompt_ids, params)
+        row, cached = self._claim_row(ids)
         group = []
         for i in range(params.n):
             seq = Sequence(ids, params, self.tokenizer, self.max_len, seed_offset=i,
                            truncated=dropped)
-            seq.row = self._free.pop(0)
+            if i == 0:  # the leader is prefilled from `cached` on
+                seq.row, seq.pos = row, cached
+            else:  # the others get the leader's row copied after its prefill
+                seq.row = self._free.pop(0)
+            seq.cached_tokens = cached
             self._holders[seq.id] = seq
             group.append(seq)
         self._waiting.append(group)
         return group
 
+    def _claim_row(self, ids: list[int]) -> tuple[int, int]:
+        """Take a free row for the prompt `ids` with as long a prefix of it in place as the cache
+        has; returns (row, prefix length). The last prompt token is always left to prefill (its
+        logits give the first output token)."""
+        if not self.prefix_cache:
+            return self._free.pop(0), 0
+        limit = len(ids) - 1
+        # ties (no match at all, typically) go to the least recently freed row
+        row = max(self._free, key=lambda r: common_prefix(self._row_ids[r], ids))
+        self._free.remove(row)
+        cached = min(common_prefix(self._row_ids[row], ids), limit)
+        held = [(min(common_prefix(s.all_ids[:s.pos], ids), limit), s.row)
+                for s in self._holders.values()]
+        n, src = max(held, default=(0, -1))  # a running sequence may hold a longer prefix
+        if n - cached >= MIN_COPY_TOKENS:
+            self._copy_row(src, row, n, start=cached)
+            cached = n
+        return row, cached
+
     def cancel(self, seq: Sequence) -> Event | None:
         """Stop a sequence and free its row; returns its final event (None if already done)."""
         if self._holders.pop(seq.id, None) is not None:
             self._free.append(seq.row)
+            self._row_ids[seq.row] = seq.all_ids[:seq.pos]
             for group in self._waiting:
                 if seq in group:
                     group.remove(seq)
                     if not group:
                         self._waiting.remove(group)
+                    for s in group:  # a new leader is prefilled from its pos, 0
+                        s.cached_tokens = group[0].pos
                     break
             if seq in self._running:
                 self._running.remove(seq)
@@ -154,22 +208,26 @@ class Engine:
         return self._sample(seqs, logits)
 
     def _prefill(self, groups: list[list[Sequence]]) -> list[Event]:
+        """Prefill each group leader's prompt from its pos on (the tokens not cached yet)."""
         leaders = [g[0] for g in groups]
-        lengths = [len(s.prompt_ids) for s in leaders]
-        T = max(lengths)
+        starts = [s.pos for s in leaders]
+        rests = [s.prompt_ids[s.pos:] for s in leaders]  # never empty (see _claim_row)
+        T = max(len(r) for r in rests)
         pad = 0
-        tokens = torch.tensor([s.prompt_ids + [pad] * (T - len(s.prompt_ids)) for s in leaders],
-                              device=self.device)
-        # padding positions write junk keys past each prompt; decoding overwrites them before
-        # any query can see them, since a query sees only positions <= its own
-        pos = torch.arange(T, device=self.device).expand(len(leaders), T)
+        tokens = torch.tensor([r + [pad] * (T - len(r)) for r in rests], device=self.device)
+        # row b's tokens sit at positions starts[b] + t. Padding writes junk keys past each
+        # prompt (clamped into the cache, still past the prompt, which is shorter than the
+        # window); decoding overwrites them before any query can see them, since a query sees
+        # only positions <= its own
+        pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(T, device=self.device)
+        pos = pos.clamp(max=self.max_len - 1)  # (G, T)
         rows = torch.tensor([s.row for s in leaders], device=self.device)
-        last = torch.tensor([n - 1 for n in lengths], device=self.device)
+        last = torch.tensor([len(r) - 1 for r in rests], device=self.device)
         logits = self.model(tokens, pos, rows, output_index=last)  # (G, V)
         seqs: list[Sequence] = []
         row_logits: list[torch.Tensor] = []
         for g, group in enumerate(groups):
-            n = lengths[g]
+            n = len(group[0].prompt_ids)
             for s in group:
                 if s is not group[0]:
                     self._copy_row(group[0].row, s.row, n)
@@ -193,11 +251,13 @@ class Engine:
         rows = None if seq.row == 0 else torch.tensor([seq.row], device=self.device)
         return self.model(torch.tensor([tokens], device=self.device), pos, rows)[0]
 
-    def _copy_row(self, src: int, dst: int, n: int) -> None:
+    @torch.inference_mode()  # also called from add, where the caller's mode is unknown
+    def _copy_row(self, src: int, dst: int, n: int, start: int = 0) -> None:
+        """Copy positions start..n-1 of cache row src into row dst."""
         for layer in self.model.layers:
             cache = layer.attention.cache
-            cache.k[dst, :, :n] = cache.k[src, :, :n]
-            cache.v[dst, :, :n] = cache.v[src, :, :n]
+            cache.k[dst, :, start:n] = cache.k[src, :, start:n]
+            cache.v[dst, :, start:n] = cache.v[src, :, start:n]
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
         """One event per sequence from its logits row; a single argmax covers the greedy rows."""

@@ -24,12 +24,14 @@ class Completion:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     prompt_index: int = 0  # which prompt of the request this completes
     acceptance_rate: float | None = None  # share of draft tokens accepted (speculative decoding)
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache instead of prefilled
 
     @classmethod
     def from_sequence(cls, seq: Sequence, logprobs: list[TokenLogprob] | None) -> Completion:
         rate = seq.draft_stats.acceptance_rate if seq.draft_stats is not None else None
         return cls(seq.text, list(seq.output_ids), seq.finish_reason or "cancelled", logprobs,
-                   len(seq.prompt_ids), seq.truncated, seq.stop_reason, seq.prompt_index, rate)
+                   len(seq.prompt_ids), seq.truncated, seq.stop_reason, seq.prompt_index, rate,
+                   seq.cached_tokens)
 
 
 def generate_stream(engine: Engine, prompts: list[list[int]],

@@ -56,6 +56,7 @@ class Sequence:
         self.prompt_index = 0  # which prompt of a request this answers, set by generate_stream
         self.row = -1  # cache row, set by the engine
         self.pos = 0  # number of tokens whose keys/values are in the cache
+        self.cached_tokens = 0  # prompt tokens found in the cache (prefix caching), not prefilled
         self.next_input: int | None = None  # the last sampled token, not fed to the model yet
         self.stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:

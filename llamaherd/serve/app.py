@@ -110,19 +110,21 @@ class CountRequests:
 
 def create_app(llm: Any, model_id: str, *, max_seqs: int = 8, max_queue: int = 64,
                context: int = 2048, max_body: int = 4 << 20,
-               threads: int | None = None) -> FastAPI:
+               threads: int | None = None, prefix_cache: bool = True) -> FastAPI:
     """An app serving `llm` (a llamaherd.api.LLM) as `model_id`.
 
     threads: torch threads of the engine thread (None: leave torch's setting).
     max_seqs: sequences generated together (KV-cache rows); max_queue: requests allowed to wait
     for a row (beyond it: 429); context: tokens per sequence, prompt plus answer.
+    prefix_cache: reuse a prompt prefix that is still in the KV cache from an earlier request.
     """
     context = min(context, llm.args.max_seq_len)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
-        engine = Engine(llm.model, llm.tokenizer, rows=max_seqs, max_len=context)
+        engine = Engine(llm.model, llm.tokenizer, rows=max_seqs, max_len=context,
+                        prefix_cache=prefix_cache)
         scheduler = Scheduler(engine, asyncio.get_running_loop(), max_queue, metrics.report,
                               threads=threads)
         guidance = Guidance(llm.tokenizer, llm.args.vocab_size)

@@ -114,9 +114,11 @@ class ChatRun:
             return text, []
         return (parsed.content or None), calls
 
-    def _usage(self) -> tuple[int, int]:
+    def _usage(self) -> tuple[int, int, int]:
+        """(prompt tokens, completion tokens, prompt tokens found in the cache)."""
         out = sum(len(c.event.seq.output_ids) for c in self.choices if c.event is not None)
-        return len(self.job.prompt_ids), out
+        cached = self.job.seqs[0].cached_tokens if self.job.seqs else 0
+        return len(self.job.prompt_ids), out, cached
 
     def _finished(self) -> None:
         self.job.done = True

@@ -86,9 +86,11 @@ class CompletionRun:
             self.finished[i] = event
         return i, event
 
-    def _usage(self) -> tuple[int, int]:
+    def _usage(self) -> tuple[int, int, int]:
+        """(prompt tokens, completion tokens, prompt tokens found in the cache)."""
         prompt = sum(len(j.prompt_ids) for j in self.jobs)
-        return prompt, sum(len(e.seq.output_ids) for e in self.finished.values())
+        cached = sum(j.seqs[0].cached_tokens for j in self.jobs if j.seqs)
+        return prompt, sum(len(e.seq.output_ids) for e in self.finished.values()), cached
 
     def _done(self) -> None:
         for job in self.jobs:
@@ -114,7 +116,9 @@ class CompletionRun:
                 lp = completion_logprobs(self.state.token_text, self.logprobs.get(i, []))
             choices.append({"text": "".join(self.text.get(i, [])), "index": i, "logprobs": lp,
                             "finish_reason": self.finished[i].finish_reason})
-        return text_completion(self.req.model, choices, *self._usage(), self.id, self.created)
+        prompt, out, cached = self._usage()
+        return text_completion(self.req.model, choices, prompt, out, self.id, self.created,
+                               cached_tokens=cached)
 
     async def stream(self) -> AsyncIterator[bytes]:
         self._submit()

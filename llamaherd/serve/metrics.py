@@ -21,6 +21,10 @@ class Metrics:
                                 ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("llamaherd_prompt_tokens", "Prompt tokens processed",
                                      registry=r)
+        self.prompt_tokens_cached = Counter(
+            "llamaherd_prompt_tokens_cached",
+            "Prompt tokens whose keys and values were reused from the cache (not prefilled)",
+            registry=r)
         self.generation_tokens = Counter("llamaherd_generation_tokens", "Tokens generated",
                                          registry=r)
         self.queue_depth = Gauge("llamaherd_queue_depth", "Requests waiting for a cache row",
@@ -39,12 +43,14 @@ class Metrics:
         self._window: list[tuple[float, int]] = []
         self._lock = threading.Lock()
 
-    def report(self, running: int, waiting: int, tokens: int) -> None:
-        """The scheduler's report after a step or a change of its queue."""
+    def report(self, running: int, waiting: int, tokens: int, cached: int = 0) -> None:
+        """The scheduler's report after a step or a change of its queue: `tokens` generated and
+        `cached` prompt tokens reused since the last report."""
         now = time.perf_counter()
         self.running.set(running)
         self.queue_depth.set(waiting)
         self.generation_tokens.inc(tokens)
+        self.prompt_tokens_cached.inc(cached)
         with self._lock:
             self._window.append((now, tokens))
             while self._window and self._window[0][0] < now - 5.0:

@@ -27,9 +27,11 @@ def sse(obj: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """The `usage` object; cached_tokens: prompt tokens reused from the KV cache (prefix caching)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 class TokenText:
@@ -99,27 +101,29 @@ class ChatChunks:
             obj["usage"] = None
         return sse(obj)
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int,
+                    cached_tokens: int = 0) -> bytes:
         return sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                     "model": self.model, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [],
-                    "usage": usage(prompt_tokens, completion_tokens)})
+                    "usage": usage(prompt_tokens, completion_tokens, cached_tokens)})
 
 
 def chat_completion(model: str, choices: list[dict[str, Any]], prompt_tokens: int,
-                    completion_tokens: int) -> dict[str, Any]:
+                    completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(),
             "model": model, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def text_completion(model: str, choices: list[dict[str, Any]], prompt_tokens: int,
                     completion_tokens: int, completion_id: str | None = None,
-                    created: int | None = None, with_usage: bool = True) -> dict[str, Any]:
+                    created: int | None = None, with_usage: bool = True,
+                    cached_tokens: int = 0) -> dict[str, Any]:
     obj: dict[str, Any] = {"id": completion_id or new_id("cmpl"), "object": "text_completion",
                            "created": created or now(), "model": model,
                            "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
     if with_usage:
-        obj["usage"] = usage(prompt_tokens, completion_tokens)
+        obj["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
     return obj
 
 
