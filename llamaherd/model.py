@@ -81,8 +81,9 @@ class KVCache(nn.Module):
         else:
             r = rows if isinstance(rows, torch.Tensor) else torch.arange(
                 rows.start, rows.stop, device=pos.device)
-            self.k[r[:, None], :, pos] = k.transpose(1, 2)  # indexed view is (B, T, n_kv, D)
-            self.v[r[:, None], :, pos] = v.transpose(1, 2)
+            # indexed view is (B, T, n_kv, D); the cache may store a narrower dtype
+            self.k[r[:, None], :, pos] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[r[:, None], :, pos] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[rows, :, :length], self.v[rows, :, :length]
 
 
@@ -171,6 +172,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
         else:
             k, v = self.cache.update(ctx.rows, ctx.pos, k, v, ctx.length)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # no copy unless the cache is narrower
             if T == 1 and ctx.mask is not None:  # batched decode: plain matmuls beat SDPA's
                 out = decode_attention(q, k, v, ctx.mask)  # masked CPU kernel (~1.6x)
             else:
@@ -239,9 +241,13 @@ class Transformer(nn.Module):
                              persistent=False)
         # optional: all layers of a T = 1 step with a cache in one call (set by the GGUF loader)
         self.fast_decode: FusedDecoder | None = None
+        # the KV cache's dtype when it is not the activations' (the packed GGUF path: float16)
+        self.kv_dtype: torch.dtype | None = None
 
-    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype = torch.float32) -> None:
-        """Allocate a KV cache for `batch` rows of up to `max_len` positions (None to drop it)."""
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a KV cache for `batch` rows of up to `max_len` positions, of `dtype` (default:
+        kv_dtype if set, else the activations' dtype)."""
+        dtype = dtype or self.cache_dtype
         if max_len > self.args.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds the context window "
                              f"{self.args.max_seq_len}")
@@ -259,6 +265,12 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.fuse()
             layer.feed_forward.fuse()
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """kv_dtype if set, else the activations' dtype (read off the final norm: the weights may
+        be packed quantized blocks)."""
+        return self.kv_dtype or self.norm.weight.dtype
 
     @property
     def cache_shape(self) -> tuple[int, int] | None:

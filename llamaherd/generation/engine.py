@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from llamaherd.generation.sampling import SamplingParams
+from llamaherd.generation.sampling import SamplingParams, argmax
 from llamaherd.generation.sequence import Event, Sequence
 from llamaherd.model import Transformer
 
@@ -38,11 +38,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 class ContextWindowError(ValueError):
     """A prompt does not fit the context window."""
-
-
-def cache_dtype(model: Transformer) -> torch.dtype:
-    """The activation dtype, read off the final norm (weights may be packed quantized blocks)."""
-    return model.norm.weight.dtype
 
 
 class Engine:
@@ -70,7 +65,7 @@ class Engine:
         self._setup_cache()
 
     def _setup_cache(self) -> None:
-        self.model.setup_cache(self.rows, self.max_len, cache_dtype(self.model))
+        self.model.setup_cache(self.rows, self.max_len)
         self._cache = self.model.layers[0].attention.cache
         self._row_ids = [[] for _ in range(self.rows)]
 
@@ -262,12 +257,12 @@ class Engine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
         """One event per sequence from its logits row; a single argmax covers the greedy rows."""
         greedy_rows = [i for i, s in enumerate(seqs) if not s.needs_full_sampling]
-        argmax = logits.argmax(-1).tolist() if greedy_rows else []
+        best = argmax(logits) if greedy_rows else []
         events = []
         for i, s in enumerate(seqs):
             if s.needs_full_sampling:
                 token, info = s.choose(logits[i])
             else:
-                token, info = argmax[i], None
+                token, info = best[i], None
             events.append(s.append(token, info))
         return events

@@ -134,11 +134,20 @@ def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return min_p_filter(logits, params.min_p)
 
 
+def argmax(logits: torch.Tensor) -> list[int]:
+    """The index of the largest logit of each row (the first of equals, as torch.argmax), for
+    logits (..., V). On the CPU through numpy: torch's argmax over 49k-entry rows is 10x slower
+    here (0.25 ms for 8 rows, a visible share of a batched decode step)."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
+        return logits.detach().numpy().argmax(-1).reshape(-1).tolist()
+    return logits.argmax(-1).reshape(-1).tolist()
+
+
 def sample(logits: torch.Tensor, params: SamplingParams,
            generator: torch.Generator | None = None) -> int:
     """The next token id from one row of (already penalized) logits (V,)."""
     if params.greedy:
-        return int(torch.argmax(logits))
+        return argmax(logits)[0]
     probs = filtered_logits(logits, params).softmax(-1)
     # Inverse-CDF draw: one uniform number and a binary search. (torch.multinomial draws an
     # exponential per vocabulary entry: ~0.85 ms for 49k entries here, more than a decode step's

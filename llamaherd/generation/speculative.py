@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from llamaherd.generation.engine import Engine, cache_dtype
+from llamaherd.generation.engine import Engine
 from llamaherd.generation.sampling import SamplingParams, token_logprob
 from llamaherd.generation.sequence import Event, Sequence
 from llamaherd.model import Transformer
@@ -48,7 +48,7 @@ class ModelDrafter:
         self.model = model
         self.max_len = min(max_len, model.args.max_seq_len)
         self.device = model.rope_freqs.device
-        model.setup_cache(1, self.max_len, cache_dtype(model))
+        model.setup_cache(1, self.max_len)
         self.cached: list[int] = []  # the tokens whose keys/values are in the draft cache
 
     @torch.inference_mode()

@@ -77,9 +77,9 @@ class FusedDecoder:
         return FusedDecoder(model, ops)
 
     def usable(self) -> bool:
-        """Whether the current KV cache is one this decoder can write (float32)."""
+        """Whether the current KV cache is one this decoder can write (float32 or float16)."""
         cache = self._layers[0].attention.cache
-        return cache is not None and cache.k.dtype == torch.float32
+        return cache is not None and cache.k.dtype in (torch.float32, torch.float16)
 
     def __call__(self, h: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """h: (B, 1, dim) embeddings; pos: (B, 1) positions; rows: (B,) cache rows (None: 0..B-1)."""

@@ -645,6 +645,75 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Rows of cached keys and values, stored as float or IEEE half: dot products and updates in
+// float. (Left to the compiler, the dot product's final sum became a chain of scalar adds through
+// the stack: half of the attention time.)
+
+#ifdef LH_AVX512
+constexpr int64_t LANES = 16;
+inline __m512 load_lanes(const float* x) { return _mm512_loadu_ps(x); }
+inline __m512 load_lanes(const c10::Half* x) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+}
+#elif defined(LH_AVX2)
+constexpr int64_t LANES = 8;
+inline __m256 load_lanes(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load_lanes(const c10::Half* x) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+#endif
+
+template <typename T>
+float dot(const float* a, const T* b, int64_t n) {
+  int64_t i = 0;
+  float total = 0.f;
+#ifdef LH_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + LANES <= n; i += LANES) acc = _mm512_fmadd_ps(load_lanes(a + i), load_lanes(b + i), acc);
+  total = _mm512_reduce_add_ps(acc);
+#elif defined(LH_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + LANES <= n; i += LANES) acc = _mm256_fmadd_ps(load_lanes(a + i), load_lanes(b + i), acc);
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  total = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+#endif
+  for (; i < n; ++i) total += a[i] * static_cast<float>(b[i]);
+  return total;
+}
+
+// y += p * x
+template <typename T>
+void axpy(float p, const T* x, float* y, int64_t n) {
+  int64_t i = 0;
+#ifdef LH_AVX512
+  const __m512 pv = _mm512_set1_ps(p);
+  for (; i + LANES <= n; i += LANES)
+    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(pv, load_lanes(x + i), _mm512_loadu_ps(y + i)));
+#elif defined(LH_AVX2)
+  const __m256 pv = _mm256_set1_ps(p);
+  for (; i + LANES <= n; i += LANES)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, load_lanes(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += p * static_cast<float>(x[i]);
+}
+
+// Rows this far ahead are fetched early: the hardware prefetcher alone leaves the attention
+// loops waiting on memory (the cache is read once a step, as the weights are).
+constexpr int64_t AHEAD = 8;
+
+template <typename T>
+void prefetch_row(const T* x, int64_t n) {
+  for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(T)); i += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(x) + i);
+}
+
+template <typename T>
+void store_row(const float* x, T* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(x[i]);
+}
+
+// ---------------------------------------------------------------------------------------------
 // The decode step: every layer of the model for one new token per sequence, in one call
 //
 // model.py's Block.forward for T = 1, with the same kernels for the four projections; between them
@@ -706,9 +775,11 @@ class Decoder {
     TORCH_CHECK(rows.numel() == B && pos.numel() == B, "one cache row and position per token");
     for (int64_t l = 0; l < L; ++l)
       for (const auto& c : {k[l], v[l]})
-        TORCH_CHECK(c.dtype() == torch::kFloat && c.is_contiguous() && c.dim() == 4 &&
+        TORCH_CHECK((c.dtype() == torch::kFloat || c.dtype() == torch::kHalf) &&
+                        c.dtype() == k[0].dtype() && c.is_contiguous() && c.dim() == 4 &&
                         c.size(1) == n_kv_ && c.size(3) == head_dim_ && c.sizes() == k[0].sizes(),
-                    "caches must be contiguous float32 [rows, ", n_kv_, ", max_len, ", head_dim_, "]");
+                    "caches must be contiguous float32 or float16 [rows, ", n_kv_, ", max_len, ",
+                    head_dim_, "]");
     const int64_t* row = rows.data_ptr<int64_t>();
     const int64_t* at = pos.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b)
@@ -726,16 +797,12 @@ class Decoder {
       for (int64_t b = 0; b < B; ++b)
         rms_norm_row(xp + b * dim_, layer.attn_norm.data_ptr<float>(), dim_, eps_, xn.data() + b * dim_);
       layer.wqkv(xn.data(), B, qkv.data());
-      for (int64_t b = 0; b < B; ++b) {
-        float* t = qkv.data() + b * qkv_n;
-        rotate(t, n_heads_ + n_kv_, rot.data() + b * head_dim_);  // q and k heads are adjacent
-        for (int64_t g = 0; g < n_kv_; ++g) {
-          const int64_t offset = cache_offset(k[l], row[b], g, at[b]);
-          std::memcpy(k[l].data_ptr<float>() + offset, t + q_n + g * head_dim_, head_dim_ * 4);
-          std::memcpy(v[l].data_ptr<float>() + offset, t + q_n + kv_n + g * head_dim_, head_dim_ * 4);
-        }
-      }
-      attention(qkv.data(), qkv_n, k[l], v[l], row, at, B, att.data());
+      for (int64_t b = 0; b < B; ++b)  // q and k heads are adjacent
+        rotate(qkv.data() + b * qkv_n, n_heads_ + n_kv_, rot.data() + b * head_dim_);
+      if (k[l].scalar_type() == torch::kHalf)
+        attend<c10::Half>(qkv.data(), qkv_n, k[l], v[l], row, at, B, att.data());
+      else
+        attend<float>(qkv.data(), qkv_n, k[l], v[l], row, at, B, att.data());
       layer.wo(att.data(), B, delta.data());
       for (int64_t i = 0; i < B * dim_; ++i) xp[i] += delta[i];
       for (int64_t b = 0; b < B; ++b)
@@ -744,8 +811,9 @@ class Decoder {
       for (int64_t b = 0; b < B; ++b) {  // SwiGLU: silu(gate) * up
         const float* gate = gu.data() + b * 2 * hidden_;
         const float* up = gate + hidden_;
-        for (int64_t i = 0; i < hidden_; ++i)
-          act[b * hidden_ + i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+        float* a = act.data() + b * hidden_;
+#pragma omp simd
+        for (int64_t i = 0; i < hidden_; ++i) a[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
       }
       layer.w2(act.data(), B, delta.data());
       for (int64_t i = 0; i < B * dim_; ++i) xp[i] += delta[i];
@@ -783,41 +851,56 @@ class Decoder {
     return ((row * n_kv_ + head) * c.size(2) + p) * head_dim_;
   }
 
-  // Each query head attends to its kv head's cached positions 0..pos (causal, one query).
-  void attention(const float* qkv, int64_t qkv_n, const torch::Tensor& k, const torch::Tensor& v,
-                 const int64_t* row, const int64_t* at, int64_t B, float* out) const {
-    const int64_t group = n_heads_ / n_kv_;
-    const float scale = 1.f / std::sqrt(static_cast<float>(head_dim_));
-    const int64_t D = head_dim_;
-    at::parallel_for(0, B * n_heads_, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> scores;
+  // Writes each token's new keys and values into its cache row, then lets each query head attend
+  // to its kv head's cached positions 0..pos (causal, one query). A task serves several query
+  // heads of one group, so each cached row is read from memory once a step, unless that leaves
+  // fewer tasks than threads to run them (batch 1).
+  template <typename T>
+  void attend(const float* qkv, int64_t qkv_n, const torch::Tensor& k, const torch::Tensor& v,
+              const int64_t* row, const int64_t* at, int64_t B, float* out) const {
+    const int64_t G = n_heads_ / n_kv_, D = head_dim_, q_n = n_heads_ * D, kv_n = n_kv_ * D;
+    T* k_base = k.data_ptr<T>();
+    T* v_base = v.data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t g = 0; g < n_kv_; ++g) {
+        const float* t = qkv + b * qkv_n + q_n + g * D;
+        store_row(t, k_base + cache_offset(k, row[b], g, at[b]), D);
+        store_row(t + kv_n, v_base + cache_offset(v, row[b], g, at[b]), D);
+      }
+    const int64_t split = B * n_kv_ < 2 * at::get_num_threads() ? G : 1;  // tasks per group
+    const int64_t heads = G / split;  // query heads per task
+    const float scale = 1.f / std::sqrt(static_cast<float>(D));
+    at::parallel_for(0, B * n_kv_ * split, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> scores;  // [heads, n]
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / n_heads_, hd = t % n_heads_, n = at[b] + 1;
-        const float* q = qkv + b * qkv_n + hd * D;
-        const float* keys = k.data_ptr<float>() + cache_offset(k, row[b], hd / group, 0);
-        const float* values = v.data_ptr<float>() + cache_offset(v, row[b], hd / group, 0);
-        scores.resize(n);
-        float top = -INFINITY;
+        const int64_t b = t / (n_kv_ * split), g = t / split % n_kv_, n = at[b] + 1;
+        const int64_t first = g * G + t % split * heads;  // its first query head
+        const float* q = qkv + b * qkv_n + first * D;
+        const T* keys = k_base + cache_offset(k, row[b], g, 0);
+        const T* values = v_base + cache_offset(v, row[b], g, 0);
+        scores.resize(heads * n);
         for (int64_t j = 0; j < n; ++j) {
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < D; ++d) s += q[d] * keys[j * D + d];
-          scores[j] = s * scale;
-          top = std::max(top, scores[j]);
+          prefetch_row(keys + (j + AHEAD) * D, D);
+          for (int64_t h = 0; h < heads; ++h)
+            scores[h * n + j] = dot(q + h * D, keys + j * D, D) * scale;
         }
-        float total = 0.f;
-        float* e = scores.data();
+        for (int64_t h = 0; h < heads; ++h) {  // softmax of each head's scores
+          float* e = scores.data() + h * n;
+          const float top = *std::max_element(e, e + n);
+          float total = 0.f;
 #pragma omp simd reduction(+ : total)
-        for (int64_t j = 0; j < n; ++j) {
-          e[j] = expf(e[j] - top);
-          total += e[j];
+          for (int64_t j = 0; j < n; ++j) {
+            e[j] = expf(e[j] - top);
+            total += e[j];
+          }
+          const float inv = 1.f / total;
+          for (int64_t j = 0; j < n; ++j) e[j] *= inv;
         }
-        float* o = out + b * n_heads_ * D + hd * D;
-        std::fill(o, o + D, 0.f);
+        float* o = out + b * q_n + first * D;
+        std::fill(o, o + heads * D, 0.f);
         for (int64_t j = 0; j < n; ++j) {
-          const float p = scores[j] / total;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) o[d] += p * values[j * D + d];
+          prefetch_row(values + (j + AHEAD) * D, D);
+          for (int64_t h = 0; h < heads; ++h) axpy(scores[h * n + j], values + j * D, o + h * D, D);
         }
       }
     });
