@@ -68,9 +68,15 @@ def run_llamaherd(path: str, threads: int, mode: str, chat: list[int]) -> dict[s
     from llamaherd.generation.sampling import SamplingParams
 
     torch.set_num_threads(threads)
+    import gguf  # noqa: F401 -- the libraries the loader uses are runtime, as libllama is
+    import jinja2  # noqa: F401
+    import tokenizers  # noqa: F401
+
+    from llamaherd import tokenizer  # noqa: F401
+    from llamaherd.checkpoint import gguf_load  # noqa: F401
     from llamaherd.quant import kernels
 
-    kernels.load()  # part of the runtime (built once by the set-up), not of the model
+    kernels.load()  # built once by the set-up
     baseline = _rss_mb()
     t0 = time.perf_counter()  # like llama.cpp's figure: the load call, imports done before
     llm = llamaherd.load(path, dtype=None if mode == "native" else mode)
@@ -97,8 +103,8 @@ def run_llamaherd(path: str, threads: int, mode: str, chat: list[int]) -> dict[s
 
         decode1 = decode(1)
         decode8 = decode(BATCH)
-    a = model.args  # float32 keys and values; the largest cache set up above
-    per_position = a.n_layers * 2 * a.n_kv_heads * a.head_dim * 4
+    a = model.args  # the largest cache set up above
+    per_position = a.n_layers * 2 * a.n_kv_heads * a.head_dim * model.cache_dtype.itemsize
     positions = max(PREFILL_LEN + 1, BATCH * (len(chat) + DECODE_LEN + 8))
     return {"load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": decode1,
             "decode_b8_tok_s": decode8, "peak_rss_mb": _peak_rss_mb(),

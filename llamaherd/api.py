@@ -160,4 +160,7 @@ def load(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None,
     if quant is not None:
         quantize_model(ckpt.model, quant)
     tokenizer = tok.load(ckpt.path, metadata=ckpt.metadata if ckpt.format == "gguf" else None)
+    for key in [k for k, v in ckpt.metadata.items()
+                if k.startswith("tokenizer.ggml.") and isinstance(v, list)]:
+        del ckpt.metadata[key]  # the vocabulary lives in the tokenizer now (~9 MB for 49k tokens)
     return LLM(ckpt, tokenizer)
