@@ -55,6 +55,22 @@ def test_batched_greedy_equals_one_at_a_time(model, tokenizer) -> None:
     assert [c.prompt_index for c in batched] == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 4])
+def test_chunked_prefill_gives_the_same_tokens(model, tokenizer, chunk) -> None:
+    # prompts of 5, 2, 11 and 1 tokens in one prefill, `chunk` positions per forward: rows end
+    # in different chunks, and later chunks attend to the keys earlier ones wrote
+    engine = Engine(model, tokenizer, rows=4, prefill_chunk=chunk)
+    chunked = run(engine, PROMPTS, max_new_tokens=12, logprobs=3, **GREEDY)
+    whole = run(Engine(model, tokenizer, rows=4), PROMPTS, max_new_tokens=12, logprobs=3,
+                **GREEDY)
+    assert [c.token_ids for c in chunked] == [reference_greedy(model, p, 12) for p in PROMPTS]
+    for a, b in zip(chunked, whole):
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Engine(model, tokenizer, prefill_chunk=0)
+
+
 def test_more_prompts_than_rows_queue_and_all_finish(model, tokenizer) -> None:
     engine = Engine(model, tokenizer, rows=2)
     out = run(engine, PROMPTS, max_new_tokens=6, **GREEDY)

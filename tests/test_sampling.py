@@ -15,6 +15,7 @@ from llamaherd.generation.sampling import (
     filtered_logits,
     min_p_filter,
     sample,
+    sample_rows,
     token_logprob,
     top_k_filter,
     top_p_filter,
@@ -142,6 +143,21 @@ def test_draws_follow_the_filtered_distribution() -> None:
     assert counts[4] == 0
     kept = {sample(logits, SamplingParams(temperature=1.0, top_k=2), gen) for _ in range(2000)}
     assert kept == {0, 1}  # filtered tokens are never drawn
+
+
+def test_rows_sampled_together_draw_what_each_would_alone() -> None:
+    # what the engine does each step: every row with its own temperature and generator
+    logits = torch.randn(6, 49152, generator=torch.Generator().manual_seed(1)) * 3
+    for filters in ({}, {"top_k": 50}, {"top_p": 0.9, "min_p": 0.05}):
+        params = [SamplingParams(temperature=t, **filters) for t in (0.3, 0.8, 1.0, 1.7, 0, 0.8)]
+        together = [torch.Generator().manual_seed(i) for i in range(6)]
+        alone = [torch.Generator().manual_seed(i) for i in range(6)]
+        for _ in range(20):
+            got = sample_rows(logits, params, together)
+            assert got == [sample(row, p, g) for row, p, g in zip(logits, params, alone)]
+        assert got[4] == int(logits[4].argmax())  # temperature 0 rows take the argmax
+    with pytest.raises(ValueError, match="share top_k, top_p and min_p"):
+        sample_rows(logits[:2], [SamplingParams(top_k=5), SamplingParams(top_k=6)], [None, None])
 
 
 def test_token_logprob_is_log_softmax_with_sorted_alternatives() -> None:

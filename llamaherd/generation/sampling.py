@@ -126,14 +126,6 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, -math.inf)
 
 
-def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature-scaled and filtered logits (V,); the distribution that `sample` draws from."""
-    logits = logits / params.temperature
-    logits = top_k_filter(logits, params.top_k)
-    logits = top_p_filter(logits, params.top_p)
-    return min_p_filter(logits, params.min_p)
-
-
 def argmax(logits: torch.Tensor) -> list[int]:
     """The index of the largest logit of each row (the first of equals, as torch.argmax), for
     logits (..., V). On the CPU through numpy: torch's argmax over 49k-entry rows is 10x slower
@@ -143,21 +135,51 @@ def argmax(logits: torch.Tensor) -> list[int]:
     return logits.argmax(-1).reshape(-1).tolist()
 
 
+def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature-scaled and filtered logits (V,); the distribution that `sample` draws from."""
+    return _filtered(logits[None], [params])[0]
+
+
+def _filtered(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """filtered_logits for rows (B, V) whose params share top_k, top_p and min_p."""
+    temperature = torch.tensor([[p.temperature] for p in params], dtype=logits.dtype)
+    logits = logits / temperature
+    logits = top_k_filter(logits, params[0].top_k)
+    logits = top_p_filter(logits, params[0].top_p)
+    return min_p_filter(logits, params[0].min_p)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams,
            generator: torch.Generator | None = None) -> int:
     """The next token id from one row of (already penalized) logits (V,)."""
-    if params.greedy:
-        return argmax(logits)[0]
-    probs = filtered_logits(logits, params).softmax(-1)
-    # Inverse-CDF draw: one uniform number and a binary search. (torch.multinomial draws an
-    # exponential per vocabulary entry: ~0.85 ms for 49k entries here, more than a decode step's
-    # share.) With right=True a token of probability 0 is never chosen.
-    cdf = probs.float().cumsum(0)
-    u = torch.rand(1, generator=generator, dtype=cdf.dtype) * cdf[-1]
-    token = int(torch.searchsorted(cdf, u, right=True))
-    if token >= cdf.numel():  # u rounded up to the total: the last token that can be chosen
-        token = int(probs.nonzero()[-1])
-    return token
+    return sample_rows(logits[None], [params], [generator])[0]
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> list[int]:
+    """`sample` for each row of logits (B, V) with its own params and generator, in one pass:
+    the same tokens as row by row (sample is this function on one row). Rows that sample rather
+    than take the argmax must share top_k, top_p and min_p (temperatures may differ)."""
+    tokens = argmax(logits)
+    drawn = [i for i, p in enumerate(params) if not p.greedy]
+    if not drawn:
+        return tokens
+    first = params[drawn[0]]
+    if any((params[i].top_k, params[i].top_p, params[i].min_p) != (first.top_k, first.top_p,
+                                                                  first.min_p) for i in drawn):
+        raise ValueError("sample_rows: sampled rows must share top_k, top_p and min_p")
+    probs = _filtered(logits[drawn], [params[i] for i in drawn]).softmax(-1)
+    # Inverse-CDF draw: one uniform number per row and a binary search. (torch.multinomial draws
+    # an exponential per vocabulary entry: ~0.85 ms for 49k entries here, more than a decode
+    # step's share.) With right=True a token of probability 0 is never chosen.
+    cdf = probs.float().cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=generators[i], dtype=cdf.dtype) for i in drawn])
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].tolist()
+    for row, (i, token) in enumerate(zip(drawn, picked)):
+        if token >= cdf.shape[-1]:  # u rounded up to the total: the last token that can be chosen
+            token = int(probs[row].nonzero()[-1])
+        tokens[i] = token
+    return tokens
 
 
 @dataclass

@@ -13,7 +13,6 @@ from llamaherd.generation.sampling import (
     SamplingParams,
     TokenLogprob,
     apply_penalties,
-    sample,
     token_logprob,
 )
 from llamaherd.generation.text import TextStream
@@ -75,25 +74,22 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
-    @property
-    def needs_full_sampling(self) -> bool:
-        """False when a batched argmax over the raw logits gives this sequence's token."""
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """This sequence's logits row (V,) after its penalties and logits processors (the same
+        tensor when it has none): what its next token is sampled from."""
         p = self.params
-        return not p.greedy or p.penalized or p.logprobs is not None or bool(p.logits_processors)
-
-    def choose(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
-        """Pick the next token from this sequence's logits row (V,)."""
-        p = self.params
-        raw = logits
         if p.penalized:
             self._init_penalty_state(logits)
             logits = apply_penalties(logits, self.seen, self.counts, p.repetition_penalty,
                                      p.presence_penalty, p.frequency_penalty)
         for processor in p.logits_processors:
             logits = processor(self.output_ids, logits)
-        token = sample(logits.float(), p, self.generator)
-        info = token_logprob(raw, token, p.logprobs) if p.logprobs is not None else None
-        return token, info
+        return logits
+
+    def logprob(self, raw: torch.Tensor, token: int) -> TokenLogprob | None:
+        """The chosen token's log-probability under the raw logits, if this sequence asked."""
+        k = self.params.logprobs
+        return None if k is None else token_logprob(raw, token, k)
 
     def _init_penalty_state(self, logits: torch.Tensor) -> None:
         if self.seen is not None:
