@@ -75,6 +75,36 @@ def test_k_quant_files_load_on_both_paths(tmp_path: Path, qtype: T) -> None:
     for internal in ("layers.0.attention.wk.weight", "layers.1.feed_forward.w3.weight"):
         want = torch.from_numpy(written[from_internal(internal, "gguf")].astype(np.float32))
         assert torch.equal(params[internal], want)
-    packed = _logits(tmp_path / "k.gguf", None)  # k-quants dequantize per call on this path
-    torch.testing.assert_close(packed, _logits(tmp_path / "k.gguf", torch.float32),
-                               atol=1e-3, rtol=1e-3)
+    # the packed path rewrites k-quants into kernel types (Q4_K as Q4_1, Q5_K/Q6_K as Q8_0)
+    model = load_checkpoint(tmp_path / "k.gguf").model
+    wqkv = model.layers[0].attention.wqkv
+    assert wqkv.packed and wqkv.source_qtype == qtype and model.fast_decode is not None
+    assert _cosine(_logits(tmp_path / "k.gguf", None),
+                   _logits(tmp_path / "k.gguf", torch.float32)) > 0.999
+
+
+def test_a_fused_group_of_mixed_types_is_packed_as_q8_0(tmp_path: Path) -> None:
+    # as in Q4_K_M files: q and k in one type, v in another; the three still make one layer
+    model = make_tiny_model(WIDE)
+    path = write_gguf(model, tmp_path / "m.gguf", weight_type="Q4_1")
+    src = read_gguf(path)
+    w = GGUFWriter(tmp_path / "mixed.gguf", "llama")
+    for key, value in src.metadata.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            vtype, etype = src.value_types[key]
+            w.add_key_value(key, value, vtype, sub_type=etype)
+    for name, t in src.tensors.items():
+        if name.endswith("attn_v.weight"):
+            w.add_tensor(name, random_weights(T.Q6_K, t.shape[0], t.shape[1]), raw_dtype=T.Q6_K)
+        else:
+            w.add_tensor(name, np.asarray(t.data), raw_dtype=t.qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    packed = load_checkpoint(tmp_path / "mixed.gguf").model
+    wqkv = packed.layers[1].attention.wqkv
+    assert wqkv.qtype == T.Q8_0 and packed.fast_decode is not None
+    assert packed.layers[1].feed_forward.w13.qtype == T.Q4_1  # an unmixed group keeps its type
+    assert _cosine(_logits(tmp_path / "mixed.gguf", None),
+                   _logits(tmp_path / "mixed.gguf", torch.float32)) > 0.999

@@ -112,8 +112,8 @@ def test_fallback_layer_is_a_float_matmul(qtype):
     assert not layer.packed
     x = torch.randn(2, 3, 512)
     torch.testing.assert_close(layer(x), x @ reference(data, qtype).T, rtol=1e-5, atol=1e-5)
-    if qtype in K_QUANTS:  # no kernel: the default layer takes the same path
-        assert not GGUFLinear(data, qtype, 512, 33).packed
+    if qtype in K_QUANTS:  # by default they are rewritten for the kernels instead
+        assert GGUFLinear(data, qtype, 512, 33).packed
 
 
 def test_layer_keeps_leading_dims_and_input_dtype():
@@ -149,6 +149,26 @@ def test_stacked_row_blocks_pack_as_one_matrix(qtype):
         GGUFLinear(blocks, qtype, 64, 36)
 
 
+@pytest.mark.parametrize("qtype, as_type, bound", [(T.Q4_K, T.Q4_1, 2 ** -11),
+                                                   (T.Q5_K, T.Q8_0, 1 / 254),
+                                                   (T.Q6_K, T.Q8_0, 1 / 254)])
+def test_k_quants_are_packed_as_kernel_types(qtype, as_type, bound):
+    data = random_weights(qtype, 40, 512, seed=3)
+    want = reference(data, qtype)
+    layer = GGUFLinear(data, qtype, 512, 40)
+    assert layer.packed and (layer.source_qtype, layer.qtype) == (qtype, as_type)
+    got = layer.dequantize()
+    # Q4_K -> Q4_1 rounds each sub-block's scale and min to float16 (relative 2^-11, so at most
+    # that share of a weight's magnitude plus the min's); Q8_0 rounds each weight to 1/254 of
+    # its block's largest
+    blocks = want.reshape(40, -1, 32).abs().amax(-1, keepdim=True)
+    err = (got - want).abs().reshape(40, -1, 32)
+    assert (err <= bound * 2 * blocks + 1e-6).all(), (err / blocks).max()
+    x = torch.randn(3, 512)
+    assert cosine(layer(x), x @ want.T) > 0.999
+    assert f"{qtype.name} as {as_type.name}" in repr(layer)
+
+
 def test_embedding_looks_up_rows_and_ties_to_the_output_projection():
     data = random_weights(T.Q8_0, 100, 64)
     emb = GGUFEmbedding(data, T.Q8_0, 64, 100)
@@ -177,8 +197,9 @@ def test_bad_inputs_are_refused_with_clear_errors():
         GGUFLinear(data, T.Q4_1, 64, 9)
     with pytest.raises(ValueError, match="multiple of 32"):
         GGUFLinear(data, T.Q4_1, 65, 8)
-    with pytest.raises(ValueError, match="no GGUF kernel for Q4_K"):
-        GGUFLinear(random_weights(T.Q4_K, 2, 256), T.Q4_K, 256, 2, kernels=True)
+    f16 = np.zeros((2, 256), np.float16).view(np.uint8)
+    with pytest.raises(ValueError, match="no GGUF kernel for F16"):
+        GGUFLinear(f16, T.F16, 256, 2, kernels=True)
 
 
 def test_default_model_tensors(default_model_path):

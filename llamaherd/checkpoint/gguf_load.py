@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from llamaherd.checkpoint import Checkpoint, build_model
@@ -97,26 +98,34 @@ FUSED = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
 
 def _fusable(raw: dict[str, GGUFTensor], args: ModelArgs) -> dict[str, list[str]]:
     """Fused layer name -> its parts' tensor names, for each group the kernels can pack as one
-    (all parts present, one kernel type): packed straight from the file, never copied twice."""
+    (all parts present and of types the kernels take): packed straight from the file, never
+    copied twice."""
     from llamaherd.quant import kernels
     from llamaherd.quant.gguf_linear import KERNEL_TYPES
+    from llamaherd.quant.kquants import KERNEL_TYPE
 
     groups = {}
     for i in range(args.n_layers):
         for fused, parts in FUSED.items():
             names = [f"layers.{i}.{part}.weight" for part in parts]
-            types = {raw[n].qtype for n in names if n in raw}
-            if all(n in raw for n in names) and len(types) == 1 and types <= KERNEL_TYPES:
+            if all(n in raw and raw[n].qtype in KERNEL_TYPES | set(KERNEL_TYPE) for n in names):
                 groups[f"layers.{i}.{fused}"] = names
     return groups if groups and kernels.available() else {}
 
 
 def _fused_module(tensors: list[GGUFTensor]) -> nn.Module:
+    """One packed layer of the parts' rows stacked. Parts that would pack as different types (a
+    Q4_K_M file's Q4_K q and k with a Q6_K v) are all requantized to Q8_0."""
     from llamaherd.quant.gguf_linear import GGUFLinear
+    from llamaherd.quant.kquants import KERNEL_TYPE, convert
 
-    in_features = tensors[0].shape[1]
-    return GGUFLinear([t.data for t in tensors], tensors[0].qtype, in_features,
-                      sum(t.shape[0] for t in tensors))
+    in_features, out_features = tensors[0].shape[1], sum(t.shape[0] for t in tensors)
+    if len({t.qtype for t in tensors}) == 1:  # the layer packs (and converts) its own type
+        return GGUFLinear([t.data for t in tensors], tensors[0].qtype, in_features, out_features)
+    kinds = {KERNEL_TYPE.get(t.qtype, t.qtype) for t in tensors}
+    target = kinds.pop() if len(kinds) == 1 else GGMLQuantizationType.Q8_0
+    parts = [convert(t.data, t.qtype, target)[0] for t in tensors]
+    return GGUFLinear(parts, target, in_features, out_features)
 
 
 def _packed_modules(internal: str, t: GGUFTensor, args: ModelArgs) -> dict[str, nn.Module]:

@@ -2,8 +2,9 @@
 
 With the C++ kernels (`llamaherd.quant.kernels`), Q4_0, Q4_1 and Q8_0 weights are repacked once
 into panels of 16 interleaved rows (same size, plus padding to a multiple of 16 rows) and
-multiplied with 8-bit integer dot products.
-Other types, or a machine without the kernels, dequantize the layer in torch on every call.
+multiplied with 8-bit integer dot products; k-quants are first rewritten as one of those types
+(`llamaherd.quant.kquants`). A machine without the kernels dequantizes the layer in torch on
+every call.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from llamaherd.quant import kernels
 from llamaherd.quant.dequant import dequantize, row_bytes
+from llamaherd.quant.kquants import KERNEL_TYPE, convert
 
 KERNEL_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
                           GGMLQuantizationType.Q8_0})
@@ -66,6 +68,10 @@ class GGUFLinear(nn.Module):
             raise ValueError(f"{qtype.name} weight of {out_features}x{in_features} needs uint8 "
                              f"data of shape {(out_features, width)}, got {got}")
         ops = _kernels_for(qtype, kernels)
+        self.source_qtype = qtype  # the file's type; k-quants are packed as a kernel type
+        if ops is not None and qtype in KERNEL_TYPE:
+            converted = [convert(p.numpy(), qtype) for p in parts]
+            parts, qtype = [_tensor(c) for c, _ in converted], converted[0][1]
         if ops is not None:
             data = ops.repack(parts, int(qtype))
         else:
@@ -135,8 +141,10 @@ class GGUFLinear(nn.Module):
 
     def extra_repr(self) -> str:
         path = "kernels" if self.packed else "dequantize"
+        source = getattr(self, "source_qtype", self.qtype)
+        qtype = self.qtype.name if source == self.qtype else f"{source.name} as {self.qtype.name}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"qtype={self.qtype.name}, path={path}")
+                f"qtype={qtype}, path={path}")
 
 
 class GGUFEmbedding(nn.Module):
@@ -168,10 +176,11 @@ def _kernels_for(qtype: GGMLQuantizationType, wanted: bool | None):
     """The kernels module if this layer should use it, else None."""
     if wanted is False:
         return None
-    if qtype not in KERNEL_TYPES:
+    if qtype not in KERNEL_TYPES and qtype not in KERNEL_TYPE:
         if wanted:
             raise ValueError(f"no GGUF kernel for {qtype.name}; kernels exist for "
-                             f"{', '.join(sorted(t.name for t in KERNEL_TYPES))}")
+                             f"{', '.join(sorted(t.name for t in KERNEL_TYPES))} (and "
+                             f"{', '.join(sorted(t.name for t in KERNEL_TYPE))} through them)")
         return None
     ops = kernels.load()
     if ops is None and wanted:
