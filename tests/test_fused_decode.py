@@ -53,6 +53,34 @@ def test_fused_decode_matches_the_layers_on_a_tiny_model(tiny_packed, cache_dtyp
     assert (fast - slow).abs().max() < 1e-4 * slow.abs().max()
 
 
+def test_fused_decode_uses_the_files_own_rope_divisors(tmp_path):
+    # rope_freqs factors that no Llama 3.1 scaling explains are applied as they are
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from llamaherd.checkpoint.gguf import read_gguf
+
+    src = read_gguf(write_gguf(make_tiny_model(), tmp_path / "q8.gguf", weight_type="Q8_0"))
+    w = GGUFWriter(tmp_path / "divided.gguf", "llama")
+    for key, value in src.metadata.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            vtype, etype = src.value_types[key]
+            w.add_key_value(key, value, vtype, sub_type=etype)
+    for name, t in src.tensors.items():
+        w.add_tensor(name, np.asarray(t.data), raw_dtype=t.qtype)
+    divisors = np.linspace(1, 7, TINY.head_dim // 2).astype(np.float32)
+    w.add_tensor("rope_freqs.weight", divisors)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    model = load_checkpoint(tmp_path / "divided.gguf").model
+    prompt, steps = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]], [[11], [12], [13]]
+    fast = decode_logits(model, True, prompt, steps, [0])
+    slow = decode_logits(model, False, prompt, steps, [0])
+    assert (fast - slow).abs().max() < 1e-4 * slow.abs().max()
+
+
 def test_packed_models_keep_a_float16_cache(tiny_packed):
     tiny_packed.setup_cache(1, 8)
     assert tiny_packed.layers[0].attention.cache.k.dtype == torch.float16

@@ -68,15 +68,15 @@ def load_gguf(path: Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
         if all(module.packed for module in made.values()):  # repacked: a copy of its own
             f.release(t)
     model = build_model(args, state, path, modules, packed_shapes)
+    if divisors is not None:  # factors that no Llama 3.1 scaling explains: use them as they are
+        model.rope_freqs = rope_frequencies(args.head_dim, args.rope_theta, None) / divisors
     if packed:
         from llamaherd.quant.fused import FusedDecoder, use_kernel_norms
 
         model.fuse_projections()  # one kernel call for q|k|v and one for gate|up
         use_kernel_norms(model)
-        model.fast_decode = FusedDecoder.build(model)
+        model.fast_decode = FusedDecoder.build(model)  # after the final rope_freqs: it copies them
         model.kv_dtype = torch.float16  # as llama.cpp keeps it: half the cache's memory traffic
-    if divisors is not None:  # factors that no Llama 3.1 scaling explains: use them as they are
-        model.rope_freqs = rope_frequencies(args.head_dim, args.rope_theta, None) / divisors
     types = Counter(t.qtype.name for t in f.tensors.values())
     return Checkpoint(model, args, "gguf", path, f.metadata, dict(types))
 
