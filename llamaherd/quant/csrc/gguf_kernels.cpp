@@ -448,7 +448,9 @@ void tile(const Activations& a, int64_t r0, const uint8_t* panel, float* out, in
 // the same results bit for bit. Two sets of tiles take turns, so that the multiply of block b+1
 // runs while the epilogue of block b does.
 
-constexpr int64_t AMX_MIN_ROWS = 4;       // fewer rows: the VNNI tile (measured, bench_kernels.py)
+// Fewer rows take the VNNI tile: below 16 it is as fast or faster (bench_kernels.py --isa
+// avx512,amx), as the tile stores and the float epilogue, not the multiplies, bound both paths.
+constexpr int64_t AMX_MIN_ROWS = 16;
 constexpr int64_t B_BYTES = QK / 4 * 64;  // one block's B tile: 8 rows of 64 bytes
 
 // Whether tile instructions may run: Linux gives a process the 8 KB of tile state only when asked
@@ -520,35 +522,34 @@ void unpack_q4_panel(const uint8_t* panel, const Format& f, int64_t nb, uint8_t*
 }
 
 // Rows r0..r0+M-1 x one panel whose block b's B tile is at b_tiles + b*b_stride; the tiles must
-// be configured for M rows.
+// be configured for M rows. A load of bytes a tile store wrote waits until the store has retired
+// (there is no forwarding), so the tile unit runs AHEAD blocks in front of the epilogue.
 template <int64_t QT, int M>
 void amx_tile(const Activations& a, int64_t r0, const uint8_t* panel, const uint8_t* b_tiles,
               int64_t b_stride, float* out, int64_t ldo, int64_t cols) {
   constexpr Format f = format_for<QT>();
+  constexpr int64_t AHEAD = 4, RING = 8;  // RING > AHEAD: a slot is rewritten well after its read
   const int64_t nb = a.nb, x_stride = nb * QK;
   const int8_t* x = a.q(r0);
-  alignas(64) int32_t c[2][M * PANEL];  // each set's C, in memory
+  alignas(64) int32_t dots[RING][M * PANEL];  // C of block b in slot b % RING
+  auto issue = [&](int64_t b) {  // the two tile sets take turns
+    if (b % 2 == 0) block_dots<0>(x + b * QK, x_stride, b_tiles + b * b_stride, dots[b % RING]);
+    else block_dots<1>(x + b * QK, x_stride, b_tiles + b * b_stride, dots[b % RING]);
+  };
   const float* da = a.d(r0);
   const float* terms = a.t(r0);
   __m512 acc[M];
 #pragma GCC unroll 16
   for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
-  auto epilogue = [&](int64_t b, const int32_t* dots) {
+  for (int64_t b = 0; b < std::min(AHEAD, nb); ++b) issue(b);
+  for (int64_t b = 0; b < nb; ++b) {
+    if (b + AHEAD < nb) issue(b + AHEAD);
     const BlockScales scales = block_scales<QT>(panel + b * PANEL * f.block_bytes);
+    const int32_t* c = dots[b % RING];
 #pragma GCC unroll 16
     for (int r = 0; r < M; ++r)
-      acc[r] = accumulate<QT>(acc[r], _mm512_load_si512(dots + PANEL * r), scales,
-                              da[r * nb + b], terms[r * nb + b]);
-  };
-  block_dots<0>(x, x_stride, b_tiles, c[0]);
-  for (int64_t b = 0; b < nb; b += 2) {  // even blocks in set 0, odd ones in set 1
-    const bool odd_next = b + 1 < nb;
-    if (odd_next) block_dots<1>(x + (b + 1) * QK, x_stride, b_tiles + (b + 1) * b_stride, c[1]);
-    epilogue(b, c[0]);
-    if (odd_next) {
-      if (b + 2 < nb) block_dots<0>(x + (b + 2) * QK, x_stride, b_tiles + (b + 2) * b_stride, c[0]);
-      epilogue(b + 1, c[1]);
-    }
+      acc[r] = accumulate<QT>(acc[r], _mm512_load_si512(c + PANEL * r), scales, da[r * nb + b],
+                              terms[r * nb + b]);
   }
   const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
 #pragma GCC unroll 16
