@@ -445,8 +445,10 @@ void tile(const Activations& a, int64_t r0, const uint8_t* panel, float* out, in
 //   Q4:   B rows 0-3 are the low nibbles of vectors 0-3 (elements 0-15), rows 4-7 their high
 //         nibbles (elements 16-31), unpacked to bytes once per panel.
 // C goes to memory and through the VNNI tile's float epilogue (accumulate), so both paths give
-// the same results bit for bit. Two sets of tiles take turns, so that the multiply of block b+1
-// runs while the epilogue of block b does.
+// the same results bit for bit. The scales differ per block, so every block's C is stored and
+// reloaded: on Sapphire Rapids a 16-row block costs about as much in tile loads, TDPBSUD and the
+// tile store as in the epilogue's float ops, and the two overlap little, so AMX is ~1.2-1.4x the
+// VNNI tile from 16 rows on, not the multiply's ratio.
 
 // Fewer rows take the VNNI tile: below 16 it is as fast or faster (bench_kernels.py --isa
 // avx512,amx), as the tile stores and the float epilogue, not the multiplies, bound both paths.
@@ -522,8 +524,8 @@ void unpack_q4_panel(const uint8_t* panel, const Format& f, int64_t nb, uint8_t*
 }
 
 // Rows r0..r0+M-1 x one panel whose block b's B tile is at b_tiles + b*b_stride; the tiles must
-// be configured for M rows. A load of bytes a tile store wrote waits until the store has retired
-// (there is no forwarding), so the tile unit runs AHEAD blocks in front of the epilogue.
+// be configured for M rows. Vector loads of bytes a tile store has just written stall, so the
+// tile unit runs AHEAD blocks in front of the epilogue, the two tile sets taking turns.
 template <int64_t QT, int M>
 void amx_tile(const Activations& a, int64_t r0, const uint8_t* panel, const uint8_t* b_tiles,
               int64_t b_stride, float* out, int64_t ldo, int64_t cols) {
