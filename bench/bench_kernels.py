@@ -9,8 +9,10 @@ one activation row (decode) and 512 rows (prefill), then times a whole decode st
     .venv/bin/python bench/bench_kernels.py --isa avx2,avx512 --threads 1 --cpu-time
 
 --isa builds the kernels for the named instruction sets (LLAMAHERD_KERNEL_ISA, e.g. the AVX2 code
-on an AVX-512 machine); with several, it times the decode step's matrices at batch 1 and 8 for each
-in its own process and prints them side by side.
+on an AVX-512 machine); with several, it times the decode step's matrices at batch 1 and 8 (or the
+--rows given) for each in its own process and prints them side by side:
+
+    .venv/bin/python bench/bench_kernels.py --isa avx512,amx --rows 1,4,8,16,64,512
 
 --cpu-time counts the process's CPU time instead of wall time: with one thread that is the time
 the kernels really ran, unaffected by other processes taking the cores (with several threads it
@@ -85,19 +87,19 @@ def shape_table(tensors: dict) -> None:
                   f"{d * 1e6:>12.1f} {dense.numel() * 4 / d / 1e9:>6.1f} | {f * 1e6:>11.1f}")
 
 
-def decode_matrix_times(tensors: dict) -> dict[str, dict[int, float]]:
-    """Microseconds per kernel matmul of each DECODE_MATRICES entry, for each of DECODE_ROWS."""
+def decode_matrix_times(tensors: dict, row_counts: list[int]) -> dict[str, dict[int, float]]:
+    """Microseconds per kernel matmul of each DECODE_MATRICES entry, for each activation row count."""
     times: dict[str, dict[int, float]] = {}
     for label, names in DECODE_MATRICES:
         layer = GGUFLinear.concat([GGUFLinear.from_gguf(tensors[n]) for n in names])
         times[label] = {}
-        for rows in DECODE_ROWS:
+        for rows in row_counts:
             x = torch.randn(rows, layer.in_features)
             times[label][rows] = 1e6 * seconds_per_call(lambda x=x, layer=layer: layer(x))
     return times
 
 
-def compare_isas(isas: list[str], passed: list[str]) -> None:
+def compare_isas(isas: list[str], row_counts: list[int], passed: list[str]) -> None:
     """Time DECODE_MATRICES with the kernels built for each ISA, each in its own process."""
     results = {}
     for isa in isas:
@@ -109,7 +111,7 @@ def compare_isas(isas: list[str], passed: list[str]) -> None:
     print(f"kernels per ISA ({simds}); microseconds per matmul, ratio to {isas[0]}")
     print(f"{'matrix':<20} {'rows':>4} | " + " | ".join(f"{isa:>16}" for isa in isas))
     for label, _ in DECODE_MATRICES:
-        for rows in DECODE_ROWS:
+        for rows in row_counts:
             base = results[isas[0]]["times"][label][str(rows)]
             cells = [f"{r['times'][label][str(rows)]:>9.1f} {r['times'][label][str(rows)] / base:>5.2f}x"
                      for r in results.values()]
@@ -142,11 +144,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cpu-time", action="store_true", help="time CPU use, not wall time")
     parser.add_argument("--isa", help="comma-separated LLAMAHERD_KERNEL_ISA builds to time")
+    parser.add_argument("--rows", default=",".join(map(str, DECODE_ROWS)),
+                        help="comma-separated activation row counts for --isa (default 1,8)")
     parser.add_argument("--matrices-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     isas = args.isa.split(",") if args.isa else []
+    row_counts = [int(r) for r in args.rows.split(",")]
     if len(isas) > 1:
-        return compare_isas(isas, ["--threads", str(args.threads)] + ["--cpu-time"] * args.cpu_time)
+        passed = ["--threads", str(args.threads), "--rows", args.rows] + ["--cpu-time"] * args.cpu_time
+        return compare_isas(isas, row_counts, passed)
     if isas:
         os.environ["LLAMAHERD_KERNEL_ISA"] = isas[0]
     if args.cpu_time:
@@ -160,7 +166,7 @@ def main() -> None:
                          "llamaherd.quant.kernels`")
     tensors = {t.name: t for t in GGUFReader(hub.pull("smollm2-135m-instruct")).tensors}
     if args.matrices_json:
-        print(json.dumps({"simd": kernels.load().simd(), "times": decode_matrix_times(tensors)}))
+        print(json.dumps({"simd": kernels.load().simd(), "times": decode_matrix_times(tensors, row_counts)}))
         return
     print(f"kernels: {kernels.load().simd()}, threads: {torch.get_num_threads()}, "
           f"{'CPU' if args.cpu_time else 'wall'} time")

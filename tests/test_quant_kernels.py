@@ -63,7 +63,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_kernels_are_built_for_this_machine():
     assert kernels.available(), ("the GGUF C++ kernels failed to build or load: run "
                                  "`.venv/bin/python -m llamaherd.quant.kernels -v` to see why")
-    assert kernels.load().simd() in {"avx512_vnni", "avx_vnni", "avx2", "scalar"}
+    assert kernels.load().simd() in {"avx512_vnni+amx", "avx512_vnni", "avx_vnni", "avx2", "scalar"}
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
@@ -247,12 +247,15 @@ def test_without_kernels_layers_fall_back_with_a_warning():
 
 
 # Builds of other instruction sets than this CPU's best, each tested in its own process: the ones
-# this CPU can run (on an AVX-512 machine, all of them).
+# this CPU can run (on a Sapphire Rapids machine, all of them). Where the native build multiplies
+# 16 or more rows with AMX, the "avx512" build is the same code without it.
 CPU_FLAGS = set(kernels._cpu_features().split())
-VARIANTS = [isa for isa in ("avx2", "avx_vnni", "scalar")
+AMX_CPU = {"amx_tile", "amx_int8"} <= CPU_FLAGS
+VARIANTS = [isa for isa in ("amx", "avx512", "avx2", "avx_vnni", "scalar")
             if kernels.ISA_CPU_FLAGS.get(isa, set()) <= CPU_FLAGS]
+VARIANT_SIMD = {"amx": "avx512_vnni+amx", "avx512": "avx512_vnni"}  # simd() where not the ISA name
 VARIANT_SHAPES = [(576, 577), (1536, 40), (64, 5)]  # (in, out): odd, tail-panel and 1-panel rows
-VARIANT_ROWS = [1, 3, 8, 65]
+VARIANT_ROWS = [1, 3, 8, 16, 17, 65, 512]  # AMX from 16 rows, in groups of 16 and a tail group
 
 VARIANT_SCRIPT = """
 import sys, torch
@@ -278,11 +281,44 @@ def test_kernel_isa_setting_is_checked(monkeypatch):
     assert kernels.isa() == "scalar" and kernels.cflags() == kernels.CFLAGS
 
 
+def test_native_build_uses_amx_exactly_where_the_cpu_has_it():
+    """On an AMX-INT8 CPU the native build multiplies with AMX tiles (so the "avx512" variant's
+    test below compares AMX with AVX512-VNNI); elsewhere simd() must not claim AMX."""
+    if AMX_CPU:
+        assert kernels.load().simd() == "avx512_vnni+amx", (
+            "this CPU has AMX-INT8 but the native kernels do not use it: the compiler must define "
+            "__AMX_TILE__/__AMX_INT8__ for -march=native and Linux (5.16 on) must grant the tile state")
+    else:
+        assert "amx" not in kernels.load().simd()
+
+
+def run_variant(cases: list[dict], tmp_path: Path, **env: str) -> dict:
+    """VARIANT_SCRIPT's {"simd", "outputs"} for `cases`, in a subprocess with `env` set."""
+    torch.save(cases, tmp_path / "cases.pt")
+    run = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT, str(tmp_path / "cases.pt"),
+                          str(tmp_path / "out.pt")], env=dict(os.environ, **env),
+                         capture_output=True, text=True, timeout=600, check=False,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr
+    return torch.load(tmp_path / "out.pt")
+
+
+def test_amx_refused_at_run_time_falls_back_to_vnni(tmp_path):
+    """When Linux refuses the tile state (here: LLAMAHERD_NO_AMX=1), the same build takes the
+    VNNI tiles for every matmul and gives the same results."""
+    data = torch.from_numpy(random_weights(T.Q4_1, 40, 576))
+    x = torch.randn(32, 576)
+    result = run_variant([{"data": data, "qtype": int(T.Q4_1), "shape": (576, 40), "x": x}],
+                         tmp_path, LLAMAHERD_NO_AMX="1")
+    assert result["simd"] == kernels.load().simd().removesuffix("+amx")
+    assert torch.equal(result["outputs"][0], GGUFLinear(data, T.Q4_1, 576, 40)(x))
+
+
 @pytest.mark.parametrize("isa", VARIANTS)
 def test_instruction_set_variant_matches_native_kernels(isa, tmp_path):
     """Build the kernels for `isa` in a subprocess; every type, shape and batch size must give
-    the native build's results (bit for bit for the vector paths, which compute the same integer
-    dots and then the same float ops) and the dequantized float32 reference's."""
+    the native build's results (bit for bit for the vector and AMX paths, which compute the same
+    integer dots and then the same float ops) and the dequantized float32 reference's."""
     cases = []
     for qtype in KERNEL_TYPES:
         for in_f, out_f in VARIANT_SHAPES:
@@ -290,14 +326,8 @@ def test_instruction_set_variant_matches_native_kernels(isa, tmp_path):
             for rows in VARIANT_ROWS:
                 x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows))
                 cases.append({"data": data, "qtype": int(qtype), "shape": (in_f, out_f), "x": x})
-    torch.save(cases, tmp_path / "cases.pt")
-    env = dict(os.environ, LLAMAHERD_KERNEL_ISA=isa)
-    run = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT, str(tmp_path / "cases.pt"),
-                          str(tmp_path / "out.pt")], env=env, capture_output=True, text=True,
-                         timeout=600, check=False, cwd=Path(__file__).resolve().parents[1])
-    assert run.returncode == 0, run.stderr
-    result = torch.load(tmp_path / "out.pt")
-    assert result["simd"] == isa  # simd() names the path the build compiled
+    result = run_variant(cases, tmp_path, LLAMAHERD_KERNEL_ISA=isa)
+    assert result["simd"] == VARIANT_SIMD.get(isa, isa)  # simd() names the path the build compiled
     for case, y in zip(cases, result["outputs"], strict=True):
         data, (in_f, out_f), x = case["data"], case["shape"], case["x"]
         qtype = T(case["qtype"])
