@@ -265,6 +265,15 @@ def test_jinja_context_helpers(llama31: Tokenizer) -> None:
     assert text == f"<|begin_of_text|>{dt.date.today().year}|<|end_of_text|>|True|1|user"
 
 
+def test_jinja_generation_blocks_render_their_body(llama31: Tokenizer) -> None:
+    # Hugging Face templates mark the assistant's tokens for training masks this way
+    body = ("{% for m in messages %}[{{ m.role }}]{% if m.role == 'assistant' %}"
+            "{% generation %}{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}"
+            "{% endif %}{% endfor %}")
+    dialog = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert chat_format(llama31, template=body).render(dialog) == "[user]hi[assistant]hello"
+
+
 def test_jinja_raise_exception_is_a_chat_format_error(llama31: Tokenizer) -> None:
     fmt = chat_format(llama31, template="{{ raise_exception('only user turns') }}")
     with pytest.raises(ChatFormatError, match="chat template: only user turns"):

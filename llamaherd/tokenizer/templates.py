@@ -10,6 +10,8 @@ from functools import cached_property
 from typing import Any, NoReturn
 
 import jinja2
+import jinja2.ext
+import jinja2.parser
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -37,10 +39,21 @@ def _strftime_now(fmt: str) -> str:
     return dt.datetime.now().strftime(fmt)
 
 
+class GenerationBlocks(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: Hugging Face templates mark the assistant's
+    tokens with it (for training masks); rendering a prompt keeps the body as it is."""
+
+    tags = frozenset({"generation"})
+
+    def parse(self, parser: jinja2.parser.Parser) -> list[jinja2.nodes.Node]:
+        next(parser.stream)  # the `generation` token
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 def make_environment() -> ImmutableSandboxedEnvironment:
     """The sandbox chat templates run in, with the helpers they expect from Hugging Face."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols])
+                                        extensions=[loopcontrols, GenerationBlocks])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
