@@ -41,7 +41,8 @@ class FusedDecoder:
 
     For a model whose projections are fused, packed GGUF layers and whose norms are KernelRMSNorm
     (what the GGUF loader builds); `build` returns None for any other model. Computes what the
-    layers' forward computes for T = 1, with the same kernels for the projections.
+    layers' forward computes for T = 1, with the same kernels for the projections. It holds the
+    weights and rotary frequencies the model had when built: build it again after changing them.
     """
 
     def __init__(self, model: nn.Module, ops) -> None:
