@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_model
 from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
+from llamaherd.checkpoint.convert import write_gguf
 from llamaherd.quant import kernels
 from llamaherd.quant.dequant import dequantize
 from llamaherd.quant.gguf_linear import GGUFEmbedding, GGUFLinear
@@ -259,11 +261,25 @@ VARIANT_ROWS = [1, 3, 8, 16, 17, 65, 512]  # AMX from 16 rows, in groups of 16 a
 
 VARIANT_SCRIPT = """
 import sys, torch
+from llamaherd.checkpoint import load_checkpoint
 from llamaherd.quant import kernels
 from llamaherd.quant.gguf_linear import GGUFLinear
 cases = torch.load(sys.argv[1])
 outputs = [GGUFLinear(c["data"], c["qtype"], *c["shape"], kernels=True)(c["x"]) for c in cases]
-torch.save({"simd": kernels.load().simd(), "outputs": outputs}, sys.argv[2])
+decode = None
+if len(sys.argv) > 3:  # a packed model's decode steps, fused and layer by layer
+    model = load_checkpoint(sys.argv[3]).model
+    decoder, decode = model.fast_decode, {}
+    for fast in (True, False):
+        model.fast_decode = decoder if fast else None
+        model.setup_cache(3, 32)
+        rows = torch.tensor([2, 0])
+        with torch.inference_mode():
+            model(torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]), torch.arange(4).expand(2, 4), rows)
+            decode[fast] = torch.stack([model(torch.tensor([[9 + t], [20 + t]]),
+                                              torch.tensor([[4 + t], [4 + 2 * t]]), rows)[:, -1]
+                                        for t in range(3)])
+torch.save({"simd": kernels.load().simd(), "outputs": outputs, "decode": decode}, sys.argv[2])
 """
 
 
@@ -292,11 +308,13 @@ def test_native_build_uses_amx_exactly_where_the_cpu_has_it():
         assert "amx" not in kernels.load().simd()
 
 
-def run_variant(cases: list[dict], tmp_path: Path, **env: str) -> dict:
-    """VARIANT_SCRIPT's {"simd", "outputs"} for `cases`, in a subprocess with `env` set."""
+def run_variant(cases: list[dict], tmp_path: Path, model: Path | None = None,
+                **env: str) -> dict:
+    """VARIANT_SCRIPT's {"simd", "outputs", "decode"} for `cases` (and the decode steps of the
+    packed GGUF `model`), in a subprocess with `env` set."""
     torch.save(cases, tmp_path / "cases.pt")
-    run = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT, str(tmp_path / "cases.pt"),
-                          str(tmp_path / "out.pt")], env=dict(os.environ, **env),
+    args = [str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")] + ([str(model)] if model else [])
+    run = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT, *args], env=dict(os.environ, **env),
                          capture_output=True, text=True, timeout=600, check=False,
                          cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0, run.stderr
@@ -326,8 +344,15 @@ def test_instruction_set_variant_matches_native_kernels(isa, tmp_path):
             for rows in VARIANT_ROWS:
                 x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows))
                 cases.append({"data": data, "qtype": int(qtype), "shape": (in_f, out_f), "x": x})
-    result = run_variant(cases, tmp_path, LLAMAHERD_KERNEL_ISA=isa)
+    model = write_gguf(make_tiny_model(), tmp_path / "tiny.gguf", weight_type="Q4_1")
+    result = run_variant(cases, tmp_path, model, LLAMAHERD_KERNEL_ISA=isa)
     assert result["simd"] == VARIANT_SIMD.get(isa, isa)  # simd() names the path the build compiled
+    # the fused decode step (attention over the float16 cache, written per instruction set)
+    # agrees with the same build's layers, and with this machine's native build
+    fast, slow = result["decode"][True], result["decode"][False]
+    assert (fast - slow).abs().max() < 1e-4 * slow.abs().max()
+    native = run_variant([], tmp_path, model)["decode"][True]
+    assert (fast - native).abs().max() < 1e-4 * native.abs().max()
     for case, y in zip(cases, result["outputs"], strict=True):
         data, (in_f, out_f), x = case["data"], case["shape"], case["x"]
         qtype = T(case["qtype"])
