@@ -79,7 +79,9 @@ def cflags() -> tuple[str, ...]:
 def build_dir() -> Path:
     """The cache directory for the extension built from the current source and flags here."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(cflags() + LDFLAGS).encode(), torch.__version__.encode(),
+    sources = sorted(SOURCE.parent.iterdir())  # the module and the headers it includes
+    flags = " ".join(cflags() + LDFLAGS).encode()
+    for part in (*(f.read_bytes() for f in sources), flags, torch.__version__.encode(),
                  sys.version.encode(), _cpu_features().encode()):
         key.update(part)
     return cache_dir() / "ext" / key.hexdigest()[:16]

@@ -1,0 +1,276 @@
+// The decode step: every layer of a packed model for one new token per sequence.
+#pragma once
+
+#include "matmul.h"
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Rows of cached keys and values, stored as float or IEEE half: dot products and updates in
+// float. (Left to the compiler, the dot product's final sum became a chain of scalar adds through
+// the stack: half of the attention time.)
+
+#ifdef LH_AVX512
+constexpr int64_t LANES = 16;
+inline __m512 load_lanes(const float* x) { return _mm512_loadu_ps(x); }
+inline __m512 load_lanes(const c10::Half* x) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+}
+#elif defined(LH_AVX2)
+constexpr int64_t LANES = 8;
+inline __m256 load_lanes(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load_lanes(const c10::Half* x) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+#endif
+
+template <typename T>
+float dot(const float* a, const T* b, int64_t n) {
+  int64_t i = 0;
+  float total = 0.f;
+#ifdef LH_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + LANES <= n; i += LANES) acc = _mm512_fmadd_ps(load_lanes(a + i), load_lanes(b + i), acc);
+  total = _mm512_reduce_add_ps(acc);
+#elif defined(LH_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + LANES <= n; i += LANES) acc = _mm256_fmadd_ps(load_lanes(a + i), load_lanes(b + i), acc);
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  total = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+#endif
+  for (; i < n; ++i) total += a[i] * static_cast<float>(b[i]);
+  return total;
+}
+
+// y += p * x
+template <typename T>
+void axpy(float p, const T* x, float* y, int64_t n) {
+  int64_t i = 0;
+#ifdef LH_AVX512
+  const __m512 pv = _mm512_set1_ps(p);
+  for (; i + LANES <= n; i += LANES)
+    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(pv, load_lanes(x + i), _mm512_loadu_ps(y + i)));
+#elif defined(LH_AVX2)
+  const __m256 pv = _mm256_set1_ps(p);
+  for (; i + LANES <= n; i += LANES)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, load_lanes(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += p * static_cast<float>(x[i]);
+}
+
+// Rows this far ahead are fetched early: the hardware prefetcher alone leaves the attention
+// loops waiting on memory (the cache is read once a step, as the weights are).
+constexpr int64_t AHEAD = 8;
+
+template <typename T>
+void prefetch_row(const T* x, int64_t n) {
+  for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(T)); i += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(x) + i);
+}
+
+template <typename T>
+void store_row(const float* x, T* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(x[i]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The decode step: every layer of the model for one new token per sequence, in one call
+//
+// model.py's Block.forward for T = 1, with the same kernels for the four projections; between them
+// the small ops (norms, rotary, cache writes, attention, SwiGLU, residuals) that cost ~40 torch
+// calls a layer in Python are plain loops here.
+
+struct Projection {
+  torch::Tensor w;  // packed panels
+  int64_t qtype, n;
+  void operator()(const float* x, int64_t rows, float* out) const {
+    matmul_into(x, rows, w, qtype, n, out);
+  }
+};
+
+struct Layer {
+  torch::Tensor attn_norm, ffn_norm;
+  Projection wqkv, wo, w13, w2;
+};
+
+class Decoder {
+ public:
+  Decoder(int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t hidden_dim,
+          double eps, torch::Tensor freqs)
+      : dim_(dim), n_heads_(n_heads), n_kv_(n_kv_heads), head_dim_(head_dim),
+        hidden_(hidden_dim), eps_(static_cast<float>(eps)), freqs_(freqs.contiguous()) {
+    TORCH_CHECK(n_heads % n_kv_heads == 0 && head_dim % 2 == 0, "bad head counts");
+    TORCH_CHECK(freqs_.dtype() == torch::kFloat && freqs_.numel() == head_dim / 2,
+                "rotary frequencies must be float32 [head_dim / 2]");
+  }
+
+  void add_layer(torch::Tensor attn_norm, torch::Tensor wqkv, int64_t qkv_type, torch::Tensor wo,
+                 int64_t wo_type, torch::Tensor ffn_norm, torch::Tensor w13, int64_t w13_type,
+                 torch::Tensor w2, int64_t w2_type) {
+    const int64_t qkv_n = (n_heads_ + 2 * n_kv_) * head_dim_;
+    check_packed(wqkv, qkv_type, qkv_n, dim_);
+    check_packed(wo, wo_type, dim_, n_heads_ * head_dim_);
+    check_packed(w13, w13_type, 2 * hidden_, dim_);
+    check_packed(w2, w2_type, dim_, hidden_);
+    for (const auto& norm : {attn_norm, ffn_norm})
+      TORCH_CHECK(norm.dtype() == torch::kFloat && norm.is_contiguous() && norm.numel() == dim_,
+                  "norm weights must be contiguous float32 [dim]");
+    layers_.push_back({attn_norm, ffn_norm, {wqkv, qkv_type, qkv_n}, {wo, wo_type, dim_},
+                       {w13, w13_type, 2 * hidden_}, {w2, w2_type, dim_}});
+  }
+
+  // h: float32 [B, dim], the embeddings of the new tokens; rows, pos: int64 [B], each token's
+  // cache row and position; k, v: one float32 cache [rows, n_kv_heads, max_len, head_dim] per
+  // layer. Writes each token's keys and values at its position; returns the hidden states.
+  torch::Tensor forward(torch::Tensor h, torch::Tensor rows, torch::Tensor pos,
+                        const std::vector<torch::Tensor>& k, const std::vector<torch::Tensor>& v) {
+    const int64_t L = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK(h.dtype() == torch::kFloat && h.dim() == 2 && h.size(1) == dim_,
+                "hidden states must be float32 [B, ", dim_, "]");
+    TORCH_CHECK(static_cast<int64_t>(k.size()) == L && static_cast<int64_t>(v.size()) == L,
+                "one key and one value cache per layer");
+    const int64_t B = h.size(0);
+    rows = rows.to(torch::kLong).contiguous();
+    pos = pos.to(torch::kLong).contiguous();
+    TORCH_CHECK(rows.numel() == B && pos.numel() == B, "one cache row and position per token");
+    for (int64_t l = 0; l < L; ++l)
+      for (const auto& c : {k[l], v[l]})
+        TORCH_CHECK((c.dtype() == torch::kFloat || c.dtype() == torch::kHalf) &&
+                        c.dtype() == k[0].dtype() && c.is_contiguous() && c.dim() == 4 &&
+                        c.size(1) == n_kv_ && c.size(3) == head_dim_ && c.sizes() == k[0].sizes(),
+                    "caches must be contiguous float32 or float16 [rows, ", n_kv_, ", max_len, ",
+                    head_dim_, "]");
+    const int64_t* row = rows.data_ptr<int64_t>();
+    const int64_t* at = pos.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(row[b] >= 0 && row[b] < k[0].size(0) && at[b] >= 0 && at[b] < k[0].size(2),
+                  "cache row ", row[b], " or position ", at[b], " out of range");
+
+    torch::Tensor x = h.contiguous().clone();
+    const int64_t q_n = n_heads_ * head_dim_, kv_n = n_kv_ * head_dim_, qkv_n = q_n + 2 * kv_n;
+    std::vector<float> xn(B * dim_), qkv(B * qkv_n), att(B * q_n), gu(B * 2 * hidden_),
+        act(B * hidden_), delta(B * dim_);
+    const std::vector<float> rot = rotations(at, B);
+    float* xp = x.data_ptr<float>();
+    for (int64_t l = 0; l < L; ++l) {
+      const Layer& layer = layers_[l];
+      for (int64_t b = 0; b < B; ++b)
+        rms_norm_row(xp + b * dim_, layer.attn_norm.data_ptr<float>(), dim_, eps_, xn.data() + b * dim_);
+      layer.wqkv(xn.data(), B, qkv.data());
+      for (int64_t b = 0; b < B; ++b)  // q and k heads are adjacent
+        rotate(qkv.data() + b * qkv_n, n_heads_ + n_kv_, rot.data() + b * head_dim_);
+      if (k[l].scalar_type() == torch::kHalf)
+        attend<c10::Half>(qkv.data(), qkv_n, k[l], v[l], row, at, B, att.data());
+      else
+        attend<float>(qkv.data(), qkv_n, k[l], v[l], row, at, B, att.data());
+      layer.wo(att.data(), B, delta.data());
+      for (int64_t i = 0; i < B * dim_; ++i) xp[i] += delta[i];
+      for (int64_t b = 0; b < B; ++b)
+        rms_norm_row(xp + b * dim_, layer.ffn_norm.data_ptr<float>(), dim_, eps_, xn.data() + b * dim_);
+      layer.w13(xn.data(), B, gu.data());
+      for (int64_t b = 0; b < B; ++b) {  // SwiGLU: silu(gate) * up
+        const float* gate = gu.data() + b * 2 * hidden_;
+        const float* up = gate + hidden_;
+        float* a = act.data() + b * hidden_;
+#pragma omp simd
+        for (int64_t i = 0; i < hidden_; ++i) a[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+      }
+      layer.w2(act.data(), B, delta.data());
+      for (int64_t i = 0; i < B * dim_; ++i) xp[i] += delta[i];
+    }
+    return x;
+  }
+
+ private:
+  // cos and sin of position * frequency for each token: [B, head_dim/2, 2]
+  std::vector<float> rotations(const int64_t* at, int64_t B) const {
+    const float* freqs = freqs_.data_ptr<float>();
+    std::vector<float> rot(B * head_dim_);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < head_dim_ / 2; ++i) {
+        const float angle = static_cast<float>(at[b]) * freqs[i];
+        rot[b * head_dim_ + 2 * i] = std::cos(angle);
+        rot[b * head_dim_ + 2 * i + 1] = std::sin(angle);
+      }
+    return rot;
+  }
+
+  // Rotate adjacent pairs of each of `heads` heads by the token's rotations (Meta's layout).
+  void rotate(float* t, int64_t heads, const float* rot) const {
+    for (int64_t hd = 0; hd < heads; ++hd) {
+      float* x = t + hd * head_dim_;
+      for (int64_t i = 0; i < head_dim_ / 2; ++i) {
+        const float c = rot[2 * i], s = rot[2 * i + 1], x0 = x[2 * i], x1 = x[2 * i + 1];
+        x[2 * i] = x0 * c - x1 * s;
+        x[2 * i + 1] = x0 * s + x1 * c;
+      }
+    }
+  }
+
+  int64_t cache_offset(const torch::Tensor& c, int64_t row, int64_t head, int64_t p) const {
+    return ((row * n_kv_ + head) * c.size(2) + p) * head_dim_;
+  }
+
+  // Writes each token's new keys and values into its cache row, then lets each query head attend
+  // to its kv head's cached positions 0..pos (causal, one query). A task serves several query
+  // heads of one group, so each cached row is read from memory once a step, unless that leaves
+  // fewer tasks than threads to run them (batch 1).
+  template <typename T>
+  void attend(const float* qkv, int64_t qkv_n, const torch::Tensor& k, const torch::Tensor& v,
+              const int64_t* row, const int64_t* at, int64_t B, float* out) const {
+    const int64_t G = n_heads_ / n_kv_, D = head_dim_, q_n = n_heads_ * D, kv_n = n_kv_ * D;
+    T* k_base = k.data_ptr<T>();
+    T* v_base = v.data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t g = 0; g < n_kv_; ++g) {
+        const float* t = qkv + b * qkv_n + q_n + g * D;
+        store_row(t, k_base + cache_offset(k, row[b], g, at[b]), D);
+        store_row(t + kv_n, v_base + cache_offset(v, row[b], g, at[b]), D);
+      }
+    const int64_t split = B * n_kv_ < 2 * at::get_num_threads() ? G : 1;  // tasks per group
+    const int64_t heads = G / split;  // query heads per task
+    const float scale = 1.f / std::sqrt(static_cast<float>(D));
+    at::parallel_for(0, B * n_kv_ * split, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> scores;  // [heads, n]
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / (n_kv_ * split), g = t / split % n_kv_, n = at[b] + 1;
+        const int64_t first = g * G + t % split * heads;  // its first query head
+        const float* q = qkv + b * qkv_n + first * D;
+        const T* keys = k_base + cache_offset(k, row[b], g, 0);
+        const T* values = v_base + cache_offset(v, row[b], g, 0);
+        scores.resize(heads * n);
+        for (int64_t j = 0; j < n; ++j) {
+          prefetch_row(keys + (j + AHEAD) * D, D);
+          for (int64_t h = 0; h < heads; ++h)
+            scores[h * n + j] = dot(q + h * D, keys + j * D, D) * scale;
+        }
+        for (int64_t h = 0; h < heads; ++h) {  // softmax of each head's scores
+          float* e = scores.data() + h * n;
+          const float top = *std::max_element(e, e + n);
+          float total = 0.f;
+#pragma omp simd reduction(+ : total)
+          for (int64_t j = 0; j < n; ++j) {
+            e[j] = expf(e[j] - top);
+            total += e[j];
+          }
+          const float inv = 1.f / total;
+          for (int64_t j = 0; j < n; ++j) e[j] *= inv;
+        }
+        float* o = out + b * q_n + first * D;
+        std::fill(o, o + heads * D, 0.f);
+        for (int64_t j = 0; j < n; ++j) {
+          prefetch_row(values + (j + AHEAD) * D, D);
+          for (int64_t h = 0; h < heads; ++h) axpy(scores[h * n + j], values + j * D, o + h * D, D);
+        }
+      }
+    });
+  }
+
+  int64_t dim_, n_heads_, n_kv_, head_dim_, hidden_;
+  float eps_;
+  torch::Tensor freqs_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace

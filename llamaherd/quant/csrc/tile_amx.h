@@ -1,0 +1,176 @@
+// AMX-INT8 tiles for 16+ activation rows (needs tile_avx512.h's epilogue).
+#pragma once
+
+#include "tile_avx512.h"
+
+#ifdef LH_AMX
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// AMX tiles: up to 16 activation rows x one panel, one block of 32 at a time
+//
+// TDPBSUD multiplies tile A (M rows x K signed bytes) by tile B (K/4 rows x 64 unsigned bytes)
+// into tile C (M rows x 16 int32):  C[m][n] += sum over k < K/4, i < 4 of A[m][4k+i] * B[k][4n+i].
+// With A = M activation rows' 32 quants of block b (K = 32, row stride nb*32 bytes) and B row
+// k = the 16 panel rows' quants 4k..4k+3, one instruction gives the block's integer dots for all
+// M x 16 (activation row, panel row) pairs: the same dots the VNNI tile sums with 8*M vpdpbusd.
+//   Q8_0: B is the block's 8 quant vectors as stored (offset binary u = q + 128: unsigned).
+//   Q4:   B rows 0-3 are the low nibbles of vectors 0-3 (elements 0-15), rows 4-7 their high
+//         nibbles (elements 16-31), unpacked to bytes once per panel.
+// C goes to memory and through the VNNI tile's float epilogue (accumulate), so both paths give
+// the same results bit for bit. The scales differ per block, so every block's C is stored and
+// reloaded: on Sapphire Rapids a 16-row block costs about as much in tile loads, TDPBSUD and the
+// tile store as in the epilogue's float ops, and the two overlap little, so AMX is ~1.2-1.4x the
+// VNNI tile from 16 rows on, not the multiply's ratio.
+
+// Fewer rows take the VNNI tile: below 16 it is as fast or faster (bench_kernels.py --isa
+// avx512,amx), as the tile stores and the float epilogue, not the multiplies, bound both paths.
+constexpr int64_t AMX_MIN_ROWS = 16;
+constexpr int64_t B_BYTES = QK / 4 * 64;  // one block's B tile: 8 rows of 64 bytes
+
+// Whether tile instructions may run: Linux gives a process the 8 KB of tile state only when asked
+// (once per process; an old kernel or a VM without it refuses). LLAMAHERD_NO_AMX=1 refuses too.
+bool amx_ready() {
+  static const bool ready = [] {
+    const char* off = std::getenv("LLAMAHERD_NO_AMX");
+    if (off != nullptr && std::string(off) == "1") return false;
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return ready;
+}
+
+// ldtilecfg's 64-byte operand (palette 1): each tile's bytes per row and rows.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Two tile sets s = 0, 1 of C = tile s (m x 16 int32), A = tile 2+s (m x 32), B = tile 4+s (8 x 64).
+void configure_tiles(int m) {
+  TileConfig config;
+  for (int s = 0; s < 2; ++s) {
+    config.bytes_per_row[s] = PANEL * 4;
+    config.rows[s] = static_cast<uint8_t>(m);
+    config.bytes_per_row[2 + s] = QK;
+    config.rows[2 + s] = static_cast<uint8_t>(m);
+    config.bytes_per_row[4 + s] = 64;
+    config.rows[4 + s] = QK / 4;
+  }
+  _tile_loadconfig(&config);
+}
+
+// c (m rows x 16 int32) = A (m rows at x, x_stride apart) . B (at w) with tile set S. (Tile
+// numbers are part of the instruction, so each set is spelled out.)
+template <int S>
+inline void block_dots(const int8_t* x, int64_t x_stride, const uint8_t* w, int32_t* c) {
+  if constexpr (S == 0) {
+    _tile_zero(0);
+    _tile_loadd(2, x, x_stride);
+    _tile_loadd(4, w, 64);
+    _tile_dpbsud(0, 2, 4);
+    _tile_stored(0, c, PANEL * 4);
+  } else {
+    _tile_zero(1);
+    _tile_loadd(3, x, x_stride);
+    _tile_loadd(5, w, 64);
+    _tile_dpbsud(1, 3, 5);
+    _tile_stored(1, c, PANEL * 4);
+  }
+}
+
+// A Q4 panel's B tiles, block after block (nb * B_BYTES bytes at out).
+void unpack_q4_panel(const uint8_t* panel, const Format& f, int64_t nb, uint8_t* out) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* quants = panel + b * PANEL * f.block_bytes + f.scale_bytes();
+    uint8_t* o = out + b * B_BYTES;
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m512i v = _mm512_loadu_si512(quants + 64 * j);
+      _mm512_storeu_si512(o + 64 * j, _mm512_and_si512(v, low4));
+      _mm512_storeu_si512(o + 4 * 64 + 64 * j, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
+    }
+  }
+  asm volatile("" ::: "memory");  // tileloadd's asm does not tell the compiler it reads memory
+}
+
+// Rows r0..r0+M-1 x one panel whose block b's B tile is at b_tiles + b*b_stride; the tiles must
+// be configured for M rows. Vector loads of bytes a tile store has just written stall, so the
+// tile unit runs AHEAD blocks in front of the epilogue, the two tile sets taking turns.
+template <int64_t QT, int M>
+void amx_tile(const Activations& a, int64_t r0, const uint8_t* panel, const uint8_t* b_tiles,
+              int64_t b_stride, float* out, int64_t ldo, int64_t cols) {
+  constexpr Format f = format_for<QT>();
+  constexpr int64_t AHEAD = 4, RING = 8;  // RING > AHEAD: a slot is rewritten well after its read
+  const int64_t nb = a.nb, x_stride = nb * QK;
+  const int8_t* x = a.q(r0);
+  alignas(64) int32_t dots[RING][M * PANEL];  // C of block b in slot b % RING
+  auto issue = [&](int64_t b) {  // the two tile sets take turns
+    if (b % 2 == 0) block_dots<0>(x + b * QK, x_stride, b_tiles + b * b_stride, dots[b % RING]);
+    else block_dots<1>(x + b * QK, x_stride, b_tiles + b * b_stride, dots[b % RING]);
+  };
+  const float* da = a.d(r0);
+  const float* terms = a.t(r0);
+  __m512 acc[M];
+#pragma GCC unroll 16
+  for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < std::min(AHEAD, nb); ++b) issue(b);
+  for (int64_t b = 0; b < nb; ++b) {
+    if (b + AHEAD < nb) issue(b + AHEAD);
+    const BlockScales scales = block_scales<QT>(panel + b * PANEL * f.block_bytes);
+    const int32_t* c = dots[b % RING];
+#pragma GCC unroll 16
+    for (int r = 0; r < M; ++r)
+      acc[r] = accumulate<QT>(acc[r], _mm512_load_si512(c + PANEL * r), scales, da[r * nb + b],
+                              terms[r * nb + b]);
+  }
+  const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
+#pragma GCC unroll 16
+  for (int r = 0; r < M; ++r) _mm512_mask_storeu_ps(out + (r0 + r) * ldo, mask, acc[r]);
+}
+
+template <int64_t QT, int M = PANEL>
+void amx_tile_rows(int m, const Activations& a, int64_t r0, const uint8_t* panel,
+                   const uint8_t* b_tiles, int64_t b_stride, float* out, int64_t ldo, int64_t cols) {
+  if constexpr (M > 1) {
+    if (m < M) return amx_tile_rows<QT, M - 1>(m, a, r0, panel, b_tiles, b_stride, out, ldo, cols);
+  }
+  amx_tile<QT, M>(a, r0, panel, b_tiles, b_stride, out, ldo, cols);
+}
+
+// matmul_typed's panels p0..p1-1 with AMX: each panel's B tiles are made ready once, then all the
+// activation rows pass, 16 at a time. The tiles are configured here and released at the end, so
+// other code on this thread (oneDNN uses AMX too) never finds them in an unexpected state.
+template <int64_t QT>
+void amx_panels(const Activations& a, const uint8_t* w, int64_t n, int64_t p0, int64_t p1,
+                float* out) {
+  constexpr Format f = format_for<QT>();
+  const int64_t nb = a.nb, panel_bytes = PANEL * nb * f.block_bytes;
+  thread_local std::vector<uint8_t> unpacked;
+  if constexpr (QT != Q8_0) unpacked.resize(nb * B_BYTES);
+  int configured = 0;  // rows the tiles are configured for
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* panel = w + p * panel_bytes;
+    const uint8_t* b_tiles = panel + f.scale_bytes();  // Q8_0: the stored quant vectors
+    int64_t b_stride = PANEL * f.block_bytes;
+    if constexpr (QT != Q8_0) {
+      unpack_q4_panel(panel, f, nb, unpacked.data());
+      b_tiles = unpacked.data();
+      b_stride = B_BYTES;
+    }
+    const int64_t cols = std::min(PANEL, n - p * PANEL);
+    for (int64_t r0 = 0; r0 < a.rows; r0 += PANEL) {
+      const int m = static_cast<int>(std::min(PANEL, a.rows - r0));
+      if (m != configured) configure_tiles(configured = m);
+      amx_tile_rows<QT>(m, a, r0, panel, b_tiles, b_stride, out + p * PANEL, n, cols);
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace
+
+#endif  // LH_AMX
