@@ -55,7 +55,7 @@ class FusedDecoder:
                                  att.wqkv.qtype_id, att.wo.data, att.wo.qtype_id,
                                  layer.ffn_norm.weight.detach(), ffn.w13.data, ffn.w13.qtype_id,
                                  ffn.w2.data, ffn.w2.qtype_id)
-        self._layers = model.layers
+        self._attentions = [layer.attention for layer in model.layers]
         self._caches: list = []  # the KV caches the lists below were taken from
         self._k: list[torch.Tensor] = []
         self._v: list[torch.Tensor] = []
@@ -79,13 +79,13 @@ class FusedDecoder:
 
     def usable(self) -> bool:
         """Whether the current KV cache is one this decoder can write (float32 or float16)."""
-        cache = self._layers[0].attention.cache
+        cache = self._attentions[0].cache
         return cache is not None and cache.k.dtype in (torch.float32, torch.float16)
 
     def __call__(self, h: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """h: (B, 1, dim) embeddings; pos: (B, 1) positions; rows: (B,) cache rows (None: 0..B-1)."""
         B = h.shape[0]
-        caches = [layer.attention.cache for layer in self._layers]
+        caches = [attention.cache for attention in self._attentions]
         if caches != self._caches:  # setup_cache made new ones
             self._caches, self._k, self._v = caches, [c.k for c in caches], [c.v for c in caches]
         if rows is None:
