@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,3 +85,31 @@ def tiny_gguf_with_vocab(tmp_path: Path) -> Path:
     assert vocab.exists(), f"missing shared fixture {vocab}"
     model = make_tiny_model(TINY.replace(vocab_size=32000))
     return write_gguf(model, tmp_path / "tiny-spm.gguf", source=read_gguf(vocab))
+
+
+def rewrite_gguf(src: Path, dst: Path,
+                 tensor: Callable[[str, object], tuple[np.ndarray, int] | None] = lambda n, t: None,
+                 extra: dict[str, np.ndarray] | None = None) -> Path:
+    """A copy of the GGUF file `src` at `dst`: the same metadata, each tensor as
+    `tensor(name, GGUFTensor)` gives it as (data, GGML type), or unchanged where that is None,
+    then the float32 tensors `extra`. (gguf cannot quantize to k-quants: tests write raw blocks.)"""
+    from gguf import GGUFWriter
+
+    from llamaherd.checkpoint.gguf import read_gguf
+
+    f = read_gguf(src)
+    w = GGUFWriter(dst, "llama")
+    for key, value in f.metadata.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            vtype, etype = f.value_types[key]
+            w.add_key_value(key, value, vtype, sub_type=etype)
+    for name, t in f.tensors.items():
+        data, qtype = tensor(name, t) or (np.asarray(t.data), t.qtype)
+        w.add_tensor(name, data, raw_dtype=qtype)
+    for name, data in (extra or {}).items():
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst

@@ -3,9 +3,10 @@ forward on the same packed weights."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-from conftest import TINY, make_tiny_model
+from conftest import TINY, make_tiny_model, rewrite_gguf
 
 import llamaherd
 from llamaherd.checkpoint import load_checkpoint
@@ -55,25 +56,9 @@ def test_fused_decode_matches_the_layers_on_a_tiny_model(tiny_packed, cache_dtyp
 
 def test_fused_decode_uses_the_files_own_rope_divisors(tmp_path):
     # rope_freqs factors that no Llama 3.1 scaling explains are applied as they are
-    import numpy as np
-    from gguf import GGUFWriter
-
-    from llamaherd.checkpoint.gguf import read_gguf
-
-    src = read_gguf(write_gguf(make_tiny_model(), tmp_path / "q8.gguf", weight_type="Q8_0"))
-    w = GGUFWriter(tmp_path / "divided.gguf", "llama")
-    for key, value in src.metadata.items():
-        if not key.startswith("GGUF.") and key != "general.architecture":
-            vtype, etype = src.value_types[key]
-            w.add_key_value(key, value, vtype, sub_type=etype)
-    for name, t in src.tensors.items():
-        w.add_tensor(name, np.asarray(t.data), raw_dtype=t.qtype)
     divisors = np.linspace(1, 7, TINY.head_dim // 2).astype(np.float32)
-    w.add_tensor("rope_freqs.weight", divisors)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    rewrite_gguf(write_gguf(make_tiny_model(), tmp_path / "q8.gguf", weight_type="Q8_0"),
+                 tmp_path / "divided.gguf", extra={"rope_freqs.weight": divisors})
     model = load_checkpoint(tmp_path / "divided.gguf").model
     prompt, steps = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]], [[11], [12], [13]]
     fast = decode_logits(model, True, prompt, steps, [0])

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, make_tiny_model
+from conftest import TINY, make_tiny_model, rewrite_gguf
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFWriter
 from gguf.quants import dequantize as gguf_dequantize
 from test_quant_kernels import random_weights
 
@@ -51,25 +50,18 @@ def test_written_types_load_on_both_paths(tmp_path: Path, weight_type: str) -> N
 
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K])
 def test_k_quant_files_load_on_both_paths(tmp_path: Path, qtype: T) -> None:
-    # gguf cannot quantize to k-quants: write a file whose matrices are random k-quant blocks
-    src = read_gguf(write_gguf(make_tiny_model(WIDE), tmp_path / "f32.gguf"))
-    w = GGUFWriter(tmp_path / "k.gguf", "llama")
-    for key, value in src.metadata.items():
-        if not key.startswith("GGUF.") and key != "general.architecture":
-            vtype, etype = src.value_types[key]
-            w.add_key_value(key, value, vtype, sub_type=etype)
+    # a file whose matrices are random k-quant blocks
     written = {}
-    for i, (name, t) in enumerate(src.tensors.items()):
-        if len(t.shape) == 2 and name != "token_embd.weight":
-            data = random_weights(qtype, t.shape[0], t.shape[1], seed=i)
-            w.add_tensor(name, data, raw_dtype=qtype)
-            written[name] = gguf_dequantize(data, qtype).reshape(t.shape)
-        else:
-            w.add_tensor(name, np.asarray(t.data))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+
+    def k_quant(name: str, t) -> tuple[np.ndarray, T] | None:
+        if len(t.shape) != 2 or name == "token_embd.weight":
+            return None
+        data = random_weights(qtype, t.shape[0], t.shape[1], seed=len(written))
+        written[name] = gguf_dequantize(data, qtype).reshape(t.shape)
+        return data, qtype
+
+    rewrite_gguf(write_gguf(make_tiny_model(WIDE), tmp_path / "f32.gguf"), tmp_path / "k.gguf",
+                 k_quant)
     exact = load_checkpoint(tmp_path / "k.gguf", dtype=torch.float32).model
     params = dict(exact.named_parameters())
     for internal in ("layers.0.attention.wk.weight", "layers.1.feed_forward.w3.weight"):
@@ -85,23 +77,9 @@ def test_k_quant_files_load_on_both_paths(tmp_path: Path, qtype: T) -> None:
 
 def test_a_fused_group_of_mixed_types_is_packed_as_q8_0(tmp_path: Path) -> None:
     # as in Q4_K_M files: q and k in one type, v in another; the three still make one layer
-    model = make_tiny_model(WIDE)
-    path = write_gguf(model, tmp_path / "m.gguf", weight_type="Q4_1")
-    src = read_gguf(path)
-    w = GGUFWriter(tmp_path / "mixed.gguf", "llama")
-    for key, value in src.metadata.items():
-        if not key.startswith("GGUF.") and key != "general.architecture":
-            vtype, etype = src.value_types[key]
-            w.add_key_value(key, value, vtype, sub_type=etype)
-    for name, t in src.tensors.items():
-        if name.endswith("attn_v.weight"):
-            w.add_tensor(name, random_weights(T.Q6_K, t.shape[0], t.shape[1]), raw_dtype=T.Q6_K)
-        else:
-            w.add_tensor(name, np.asarray(t.data), raw_dtype=t.qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_gguf(make_tiny_model(WIDE), tmp_path / "m.gguf", weight_type="Q4_1")
+    rewrite_gguf(path, tmp_path / "mixed.gguf", lambda name, t: (
+        random_weights(T.Q6_K, *t.shape), T.Q6_K) if name.endswith("attn_v.weight") else None)
     packed = load_checkpoint(tmp_path / "mixed.gguf").model
     wqkv = packed.layers[1].attention.wqkv
     assert wqkv.qtype == T.Q8_0 and packed.fast_decode is not None
