@@ -20,6 +20,7 @@ from llamaherd.checkpoint.convert import write_gguf
 from llamaherd.quant import kernels
 from llamaherd.quant.dequant import dequantize
 from llamaherd.quant.gguf_linear import GGUFEmbedding, GGUFLinear
+from llamaherd.quant.kquants import KERNEL_TYPE, convert, convert_numpy
 
 KERNEL_TYPES = [T.Q4_0, T.Q4_1, T.Q8_0]
 K_QUANTS = [T.Q4_K, T.Q5_K, T.Q6_K]
@@ -169,6 +170,16 @@ def test_k_quants_are_packed_as_kernel_types(qtype, as_type, bound):
     x = torch.randn(3, 512)
     assert cosine(layer(x), x @ want.T) > 0.999
     assert f"{qtype.name} as {as_type.name}" in repr(layer)
+
+
+@pytest.mark.parametrize("qtype", K_QUANTS, ids=lambda t: t.name)
+def test_k_quant_rewrite_in_cpp_gives_the_numpy_bytes(qtype):
+    # the kernels' rewrite against the one through the gguf package's dequantization: random
+    # blocks, so every bit pattern of quants, scales and mins occurs
+    data = random_weights(qtype, 37, 768, seed=5)
+    target = KERNEL_TYPE[qtype]
+    fast, kind = convert(data, qtype)
+    assert kind == target and np.array_equal(fast, convert_numpy(data, qtype, target))
 
 
 def test_embedding_looks_up_rows_and_ties_to_the_output_projection():

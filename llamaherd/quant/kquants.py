@@ -9,11 +9,16 @@ float16, so Q4_K weights keep their size and their 4-bit values. Q5_K and Q6_K h
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import Q4_K
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
+
+from llamaherd.quant import kernels
 
 # the kernel type each k-quant becomes
 KERNEL_TYPE = {T.Q4_K: T.Q4_1, T.Q5_K: T.Q8_0, T.Q6_K: T.Q8_0}
@@ -25,13 +30,24 @@ def convert(data: np.ndarray, qtype: T, target: T | None = None) -> tuple[np.nda
     target = target or KERNEL_TYPE[qtype]
     if target == qtype:
         return data, qtype
+    ops = kernels.load()
+    if ops is not None and target == KERNEL_TYPE.get(qtype):  # the same bytes, much faster
+        with warnings.catch_warnings():  # a read-only memory map is fine: it is only read
+            warnings.simplefilter("ignore", UserWarning)
+            rows = torch.from_numpy(np.ascontiguousarray(data))
+        return ops.kquant_to_kernel(rows, int(qtype)).numpy(), target
+    return convert_numpy(data, qtype, target), target
+
+
+def convert_numpy(data: np.ndarray, qtype: T, target: T) -> np.ndarray:
+    """convert's rows through the gguf package's numpy dequantization (any type to Q8_0)."""
     if (qtype, target) == (T.Q4_K, T.Q4_1):
-        return _q4_k_as_q4_1(np.asarray(data)), target
+        return _q4_k_as_q4_1(np.asarray(data))
     if target != T.Q8_0:
         raise ValueError(f"no conversion from {qtype.name} to {target.name}")
     rows = np.asarray(data).shape[0]
     weights = gguf_dequantize(np.asarray(data), qtype).reshape(rows, -1)
-    return gguf_quantize(weights, T.Q8_0), target
+    return gguf_quantize(weights, T.Q8_0)
 
 
 def _q4_k_as_q4_1(data: np.ndarray) -> np.ndarray:

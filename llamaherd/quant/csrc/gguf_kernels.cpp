@@ -1,12 +1,14 @@
 // The C++ kernels' Python module (built by llamaherd/quant/kernels.py). Its parts:
 //   format.h       the packed panel layout, instruction-set selection
 //   packing.h      GGUF rows <-> panels
+//   kquants.h      k-quant rows rewritten as kernel types
 //   activations.h  8-bit activation blocks
 //   tile_*.h       one integer-dot tile per instruction set (AVX-512 VNNI, AMX, AVX2, portable)
 //   matmul.h       matmuls over panels, RMSNorm
 //   decode.h       the fused decode step
 
 #include "decode.h"
+#include "kquants.h"
 #include "matmul.h"
 #include "packing.h"
 
@@ -36,6 +38,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("repack", &repack, nogil, "GGUF rows uint8 [N_i, bytes] of stacked matrices -> 16-row panels");
   m.def("unpack", &unpack, nogil, "16-row panels -> the first `rows` GGUF rows");
   m.def("dequantize_rows", &dequantize_rows, nogil, "rows `ids` of packed weights -> float32 [n, K]");
+  m.def("kquant_to_kernel", &kquant_to_kernel, nogil,
+        "k-quant GGUF rows -> rows of Q4_1 (from Q4_K) or Q8_0 (from Q5_K, Q6_K)");
   m.def("matmul", &matmul, nogil, "x float32 [..., K] @ packed W^T (N rows) -> float32 [..., N]");
   m.def("rms_norm", &rms_norm, nogil, "RMSNorm of float32 rows [..., K] with weight [K]");
   m.def("simd", &simd, "the instruction set the kernels were compiled for");
