@@ -96,7 +96,7 @@ def test_fused_decode_on_the_real_model(default_model_path):
     # projection's input turns some of those into one-step differences, which 30 layers and
     # then the cache carry on (the layer path does the same to a 1e-6 perturbation of its input).
     # The first step reads one prefilled cache on both paths; later ones read keys each wrote.
-    assert cos[0] > 0.9999, cos.tolist()
+    assert cos[0] > 0.9995, cos.tolist()  # 0.99995 here; the sums' order varies by CPU
     assert cos.min() > 0.99, cos.tolist()
     assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() >= 0.9
 
