@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pexpect
 import pytest
@@ -21,20 +22,22 @@ def spawn(max_new_tokens: int) -> pexpect.spawn:
     return child
 
 
-@pytest.fixture
-def chat():
-    child = spawn(48)
+def running(max_new_tokens: int) -> Iterator[pexpect.spawn]:
+    """A chat session for a fixture, ended when the test is done."""
+    child = spawn(max_new_tokens)
     yield child
     if child.isalive():
         child.terminate(force=True)
+
+
+@pytest.fixture
+def chat():
+    yield from running(48)
 
 
 @pytest.fixture
 def long_chat():
-    child = spawn(4000)
-    yield child
-    if child.isalive():
-        child.terminate(force=True)
+    yield from running(4000)
 
 
 def ask(child: pexpect.spawn, line: str) -> str:
