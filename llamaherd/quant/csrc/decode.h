@@ -5,60 +5,6 @@
 
 namespace {
 
-// ---------------------------------------------------------------------------------------------
-// Rows of cached keys and values, stored as float or IEEE half: dot products and updates in
-// float. (Left to the compiler, the dot product's final sum became a chain of scalar adds through
-// the stack: half of the attention time.)
-
-#ifdef LH_AVX512
-constexpr int64_t LANES = 16;
-inline __m512 load_lanes(const float* x) { return _mm512_loadu_ps(x); }
-inline __m512 load_lanes(const c10::Half* x) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-}
-#elif defined(LH_AVX2)
-constexpr int64_t LANES = 8;
-inline __m256 load_lanes(const float* x) { return _mm256_loadu_ps(x); }
-inline __m256 load_lanes(const c10::Half* x) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
-}
-#endif
-
-template <typename T>
-float dot(const float* a, const T* b, int64_t n) {
-  int64_t i = 0;
-  float total = 0.f;
-#ifdef LH_AVX512
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + LANES <= n; i += LANES) acc = _mm512_fmadd_ps(load_lanes(a + i), load_lanes(b + i), acc);
-  total = _mm512_reduce_add_ps(acc);
-#elif defined(LH_AVX2)
-  __m256 acc = _mm256_setzero_ps();
-  for (; i + LANES <= n; i += LANES) acc = _mm256_fmadd_ps(load_lanes(a + i), load_lanes(b + i), acc);
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  total = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
-#endif
-  for (; i < n; ++i) total += a[i] * static_cast<float>(b[i]);
-  return total;
-}
-
-// y += p * x
-template <typename T>
-void axpy(float p, const T* x, float* y, int64_t n) {
-  int64_t i = 0;
-#ifdef LH_AVX512
-  const __m512 pv = _mm512_set1_ps(p);
-  for (; i + LANES <= n; i += LANES)
-    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(pv, load_lanes(x + i), _mm512_loadu_ps(y + i)));
-#elif defined(LH_AVX2)
-  const __m256 pv = _mm256_set1_ps(p);
-  for (; i + LANES <= n; i += LANES)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, load_lanes(x + i), _mm256_loadu_ps(y + i)));
-#endif
-  for (; i < n; ++i) y[i] += p * static_cast<float>(x[i]);
-}
-
 // Rows this far ahead are fetched early: the hardware prefetcher alone leaves the attention
 // loops waiting on memory (the cache is read once a step, as the weights are).
 constexpr int64_t AHEAD = 8;
@@ -72,6 +18,126 @@ void prefetch_row(const T* x, int64_t n) {
 template <typename T>
 void store_row(const float* x, T* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(x[i]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One attention task: `heads` query heads (D floats each, adjacent) against n cached rows of their
+// shared kv head. head_scores and head_values are plain loops over dot and axpy; with AVX-512 and
+// head_dim 64 or 128 (every Llama so far) they take blocks of 16 keys at a time instead: a block
+// is converted to float once for all the heads, its 16 dot products per head are summed together
+// by shuffles (no horizontal sum per key), and the output rows stay in registers.
+
+#ifdef LH_AVX512
+// sum16's lane i holds the sum of vector SUM16_ORDER[i] (the shuffles transpose 4 x 4 groups).
+constexpr int SUM16_ORDER[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+
+inline __m512 sum16(const __m512* v) {
+  __m512 t[8], u[4], w[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)  // halves of 2i and 2i+1 added: 8 partial sums each
+    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)  // 4 partial sums each
+    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD));
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)  // 2 partial sums each
+    w[i] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
+}
+
+template <int D, typename T>
+void head_scores_blocked(const float* q, int64_t heads, const T* keys, const T* values, int64_t n,
+                         float scale, float* s) {
+  constexpr int C = D / LANES;
+  alignas(64) float block[16 * D];  // 16 keys as floats
+  const __m512 sv = _mm512_set1_ps(scale);
+  int64_t j0 = 0;
+  for (; j0 + 16 <= n; j0 += 16) {
+    const T* kb = keys + j0 * D;
+    prefetch_row(kb + 16 * D, 16 * D);  // the next block, and its values for head_values
+    prefetch_row(values + (j0 + 16) * D, 16 * D);
+#pragma GCC unroll 16
+    for (int i = 0; i < 16 * C; ++i) _mm512_store_ps(block + LANES * i, load_lanes(kb + LANES * i));
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* qh = q + h * D;
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        const float* key = block + SUM16_ORDER[i] * D;
+        acc[i] = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_load_ps(key));
+#pragma GCC unroll 8
+        for (int c = 1; c < C; ++c)
+          acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + LANES * c), _mm512_load_ps(key + LANES * c), acc[i]);
+      }
+      _mm512_storeu_ps(s + h * n + j0, _mm512_mul_ps(sum16(acc), sv));
+    }
+  }
+  for (; j0 < n; ++j0)
+    for (int64_t h = 0; h < heads; ++h) s[h * n + j0] = dot(q + h * D, keys + j0 * D, D) * scale;
+}
+
+template <int D, typename T>
+void head_values_blocked(const float* p, int64_t heads, const T* values, int64_t n, float* o) {
+  constexpr int C = D / LANES, HB = C <= 4 ? 4 : 2;  // heads a pass, their rows in registers
+  for (int64_t h0 = 0; h0 < heads; h0 += HB) {
+    const int64_t hb = std::min<int64_t>(HB, heads - h0);
+    __m512 acc[HB][C];
+#pragma GCC unroll 4
+    for (int hh = 0; hh < HB; ++hh)
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) acc[hh][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      prefetch_row(values + (j + AHEAD) * D, D);
+      __m512 v[C];
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) v[c] = load_lanes(values + j * D + LANES * c);
+#pragma GCC unroll 4
+      for (int hh = 0; hh < HB; ++hh) {
+        if (hh >= hb) break;
+        const __m512 pv = _mm512_set1_ps(p[(h0 + hh) * n + j]);
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) acc[hh][c] = _mm512_fmadd_ps(pv, v[c], acc[hh][c]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int hh = 0; hh < HB; ++hh) {
+      if (hh >= hb) break;
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(o + (h0 + hh) * D + LANES * c, acc[hh][c]);
+    }
+  }
+}
+#endif
+
+// s[h*n + j] = scale * (query h . key j); the values are fetched early for head_values.
+template <typename T>
+void head_scores(const float* q, int64_t heads, const T* keys, const T* values, int64_t n,
+                 int64_t D, float scale, float* s) {
+#ifdef LH_AVX512
+  if (D == 64) return head_scores_blocked<64>(q, heads, keys, values, n, scale, s);
+  if (D == 128) return head_scores_blocked<128>(q, heads, keys, values, n, scale, s);
+#endif
+  for (int64_t j = 0; j < n; ++j) {
+    prefetch_row(keys + (j + AHEAD) * D, D);
+    for (int64_t h = 0; h < heads; ++h) s[h * n + j] = dot(q + h * D, keys + j * D, D) * scale;
+  }
+}
+
+// o[h] = sum over j of p[h*n + j] * value j
+template <typename T>
+void head_values(const float* p, int64_t heads, const T* values, int64_t n, int64_t D, float* o) {
+#ifdef LH_AVX512
+  if (D == 64) return head_values_blocked<64>(p, heads, values, n, o);
+  if (D == 128) return head_values_blocked<128>(p, heads, values, n, o);
+#endif
+  std::fill(o, o + heads * D, 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    prefetch_row(values + (j + AHEAD) * D, D);
+    for (int64_t h = 0; h < heads; ++h) axpy(p[h * n + j], values + j * D, o + h * D, D);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -169,13 +235,12 @@ class Decoder {
       for (int64_t b = 0; b < B; ++b)
         rms_norm_row(xp + b * dim_, layer.ffn_norm.data_ptr<float>(), dim_, eps_, xn.data() + b * dim_);
       layer.w13(xn.data(), B, gu.data());
-      for (int64_t b = 0; b < B; ++b) {  // SwiGLU: silu(gate) * up
-        const float* gate = gu.data() + b * 2 * hidden_;
-        const float* up = gate + hidden_;
-        float* a = act.data() + b * hidden_;
-#pragma omp simd
-        for (int64_t i = 0; i < hidden_; ++i) a[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
-      }
+      // SwiGLU, rows split between threads: at batch 8 it was a tenth of the step on one thread
+      at::parallel_for(0, B, B > 1 ? 1 : 2, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b)
+          swiglu_row(gu.data() + b * 2 * hidden_, gu.data() + b * 2 * hidden_ + hidden_,
+                     act.data() + b * hidden_, hidden_);
+      });
       layer.w2(act.data(), B, delta.data());
       for (int64_t i = 0; i < B * dim_; ++i) xp[i] += delta[i];
     }
@@ -240,11 +305,7 @@ class Decoder {
         const T* keys = k_base + cache_offset(k, row[b], g, 0);
         const T* values = v_base + cache_offset(v, row[b], g, 0);
         scores.resize(heads * n);
-        for (int64_t j = 0; j < n; ++j) {
-          prefetch_row(keys + (j + AHEAD) * D, D);
-          for (int64_t h = 0; h < heads; ++h)
-            scores[h * n + j] = dot(q + h * D, keys + j * D, D) * scale;
-        }
+        head_scores(q, heads, keys, values, n, D, scale, scores.data());
         for (int64_t h = 0; h < heads; ++h) {  // softmax of each head's scores
           float* e = scores.data() + h * n;
           const float top = *std::max_element(e, e + n);
@@ -257,12 +318,7 @@ class Decoder {
           const float inv = 1.f / total;
           for (int64_t j = 0; j < n; ++j) e[j] *= inv;
         }
-        float* o = out + b * q_n + first * D;
-        std::fill(o, o + heads * D, 0.f);
-        for (int64_t j = 0; j < n; ++j) {
-          prefetch_row(values + (j + AHEAD) * D, D);
-          for (int64_t h = 0; h < heads; ++h) axpy(scores[h * n + j], values + j * D, o + h * D, D);
-        }
+        head_values(scores.data(), heads, values, n, D, out + b * q_n + first * D);
       }
     });
   }

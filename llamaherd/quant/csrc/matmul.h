@@ -3,6 +3,7 @@
 
 #include "activations.h"
 #include "format.h"
+#include "simd.h"
 
 #if defined(LH_AVX512)
 #include "tile_amx.h"
@@ -83,8 +84,7 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t n)
 }
 
 void rms_norm_row(const float* x, const float* weight, int64_t k, float eps, float* out) {
-  float sum = 0.f;
-  for (int64_t i = 0; i < k; ++i) sum += x[i] * x[i];
+  const float sum = dot(x, x, k);  // a plain loop's sum is one long chain of dependent adds
   const float scale = 1.f / std::sqrt(sum / static_cast<float>(k) + eps);
   for (int64_t i = 0; i < k; ++i) out[i] = x[i] * scale * weight[i];
 }
