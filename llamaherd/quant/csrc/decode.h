@@ -48,9 +48,10 @@ inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
 }
 
+// The scores of the whole blocks of 16 keys; returns how many keys that was.
 template <int D, typename T>
-void head_scores_blocked(const float* q, int64_t heads, const T* keys, const T* values, int64_t n,
-                         float scale, float* s) {
+int64_t head_scores_blocked(const float* q, int64_t heads, const T* keys, const T* values,
+                            int64_t n, float scale, float* s) {
   constexpr int C = D / LANES;
   alignas(64) float block[16 * D];  // 16 keys as floats
   const __m512 sv = _mm512_set1_ps(scale);
@@ -75,8 +76,7 @@ void head_scores_blocked(const float* q, int64_t heads, const T* keys, const T* 
       _mm512_storeu_ps(s + h * n + j0, _mm512_mul_ps(sum16(acc), sv));
     }
   }
-  for (; j0 < n; ++j0)
-    for (int64_t h = 0; h < heads; ++h) s[h * n + j0] = dot(q + h * D, keys + j0 * D, D) * scale;
+  return j0;
 }
 
 template <int D, typename T>
@@ -116,11 +116,12 @@ void head_values_blocked(const float* p, int64_t heads, const T* values, int64_t
 template <typename T>
 void head_scores(const float* q, int64_t heads, const T* keys, const T* values, int64_t n,
                  int64_t D, float scale, float* s) {
+  int64_t j = 0;  // the keys done in blocks; the rest one by one
 #ifdef LH_AVX512
-  if (D == 64) return head_scores_blocked<64>(q, heads, keys, values, n, scale, s);
-  if (D == 128) return head_scores_blocked<128>(q, heads, keys, values, n, scale, s);
+  if (D == 64) j = head_scores_blocked<64>(q, heads, keys, values, n, scale, s);
+  if (D == 128) j = head_scores_blocked<128>(q, heads, keys, values, n, scale, s);
 #endif
-  for (int64_t j = 0; j < n; ++j) {
+  for (; j < n; ++j) {
     prefetch_row(keys + (j + AHEAD) * D, D);
     for (int64_t h = 0; h < heads; ++h) s[h * n + j] = dot(q + h * D, keys + j * D, D) * scale;
   }
@@ -235,8 +236,8 @@ class Decoder {
       for (int64_t b = 0; b < B; ++b)
         rms_norm_row(xp + b * dim_, layer.ffn_norm.data_ptr<float>(), dim_, eps_, xn.data() + b * dim_);
       layer.w13(xn.data(), B, gu.data());
-      // SwiGLU, rows split between threads: at batch 8 it was a tenth of the step on one thread
-      at::parallel_for(0, B, B > 1 ? 1 : 2, [&](int64_t b0, int64_t b1) {
+      // SwiGLU, rows split between threads (one row runs on this thread)
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b)
           swiglu_row(gu.data() + b * 2 * hidden_, gu.data() + b * 2 * hidden_ + hidden_,
                      act.data() + b * hidden_, hidden_);
