@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,9 +16,12 @@ BASE = [sys.executable, "-m", "llamaherd.cli", "run"]
 
 def spawn(max_new_tokens: int) -> pexpect.spawn:
     # float32 weights and greedy decoding make the answers checkable
+    # Ctrl-C as a terminal gives it, even where the tests run with SIGINT ignored (a job started
+    # in the background by a non-interactive shell), which the child would inherit
     child = pexpect.spawn(BASE[0], BASE[1:] + ["--dtype", "float32", "--temperature", "0",
                                                "--max-new-tokens", str(max_new_tokens)],
-                          encoding="utf-8", timeout=120, dimensions=(50, 200))
+                          encoding="utf-8", timeout=120, dimensions=(50, 200),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect_exact(PROMPT)
     return child
 
