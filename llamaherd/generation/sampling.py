@@ -160,26 +160,54 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     """`sample` for each row of logits (B, V) with its own params and generator, in one pass:
     the same tokens as row by row (sample is this function on one row). Rows that sample rather
     than take the argmax must share top_k, top_p and min_p (temperatures may differ)."""
-    tokens = argmax(logits)
     drawn = [i for i, p in enumerate(params) if not p.greedy]
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    tokens = [0] * len(params)
+    if greedy:
+        for i, token in zip(greedy, argmax(logits if not drawn else logits[greedy])):
+            tokens[i] = token
     if not drawn:
         return tokens
     first = params[drawn[0]]
     if any((params[i].top_k, params[i].top_p, params[i].min_p) != (first.top_k, first.top_p,
                                                                   first.min_p) for i in drawn):
         raise ValueError("sample_rows: sampled rows must share top_k, top_p and min_p")
-    probs = _filtered(logits[drawn], [params[i] for i in drawn]).softmax(-1)
-    # Inverse-CDF draw: one uniform number per row and a binary search. (torch.multinomial draws
-    # an exponential per vocabulary entry: ~0.85 ms for 49k entries here, more than a decode
-    # step's share.) With right=True a token of probability 0 is never chosen.
-    cdf = probs.float().cumsum(-1)
-    u = torch.cat([torch.rand(1, generator=generators[i], dtype=cdf.dtype) for i in drawn])
-    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].tolist()
-    for row, (i, token) in enumerate(zip(drawn, picked)):
-        if token >= cdf.shape[-1]:  # u rounded up to the total: the last token that can be chosen
-            token = int(probs[row].nonzero()[-1])
+    rows = logits if not greedy else logits[drawn]
+    temperatures = torch.tensor([params[i].temperature for i in drawn], dtype=torch.float32)
+    if first.top_k or first.top_p < 1 or first.min_p:
+        rows, temperatures = _filtered(rows, [params[i] for i in drawn]), torch.ones(len(drawn))
+    # Inverse-CDF draw: one uniform number per row. (torch.multinomial draws an exponential per
+    # vocabulary entry: ~0.85 ms for 49k entries here, more than a decode step's share.)
+    u = torch.cat([torch.rand(1, generator=generators[i], dtype=torch.float64) for i in drawn])
+    for i, token in zip(drawn, _draw(rows.float(), temperatures, u)):
+        if token < 0:
+            raise ValueError("sample_rows: every token of a row has probability 0")
         tokens[i] = token
     return tokens
+
+
+def _draw(logits: torch.Tensor, temperatures: torch.Tensor, u: torch.Tensor) -> list[int]:
+    """For each row of logits (B, V), the first token whose running sum of softmax(logits / t)
+    passes u (a uniform number in [0, 1)), so a token of probability 0 is never drawn; -1 where
+    every logit is -inf. The C++ kernel does it in one pass without temporaries (at batch 8,
+    torch's softmax, cumsum and search tensors cost ~1 ms a step here); torch is the fallback."""
+    from llamaherd.quant import kernels
+
+    ext = kernels.load() if logits.device.type == "cpu" else None
+    if ext is not None:
+        return ext.draw(logits, temperatures, u).tolist()
+    return draw_torch(logits, temperatures, u).tolist()
+
+
+def draw_torch(logits: torch.Tensor, temperatures: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """_draw in torch (float64 sums): the fallback, and the reference the kernel is tested on."""
+    allowed = (logits > -math.inf).any(-1)
+    probs = (logits.double() / temperatures[:, None].double()).softmax(-1)
+    cdf = probs.cumsum(-1)
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    last = cdf.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)  # the last possible token
+    picked = torch.minimum(picked, last)  # u * total rounded up to the total
+    return torch.where(allowed, picked, -1)
 
 
 @dataclass

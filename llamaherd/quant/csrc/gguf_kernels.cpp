@@ -7,11 +7,13 @@
 //   tile_*.h       one integer-dot tile per instruction set (AVX-512 VNNI, AMX, AVX2, portable)
 //   matmul.h       matmuls over panels, RMSNorm
 //   decode.h       the fused decode step
+//   sampling.h     drawing tokens from softmax(logits / temperature)
 
 #include "decode.h"
 #include "kquants.h"
 #include "matmul.h"
 #include "packing.h"
+#include "sampling.h"
 
 namespace {
 
@@ -43,6 +45,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "k-quant GGUF rows -> rows of Q4_1 (from Q4_K) or Q8_0 (from Q5_K, Q6_K)");
   m.def("matmul", &matmul, nogil, "x float32 [..., K] @ packed W^T (N rows) -> float32 [..., N]");
   m.def("rms_norm", &rms_norm, nogil, "RMSNorm of float32 rows [..., K] with weight [K]");
+  m.def("draw", &draw, nogil,
+        "one token a row of logits float32 [B, V] from softmax(logits / temperature) by inverse CDF");
   m.def("simd", &simd, "the instruction set the kernels were compiled for");
   py::class_<Decoder>(m, "Decoder", "every layer of a packed model for one new token per sequence")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, torch::Tensor>(),

@@ -1,0 +1,126 @@
+// Drawing a token from softmax(logits / temperature) in one pass over each row, without the
+// softmax, cumulative-sum and search tensors torch would allocate (at batch 8 those page-faulted
+// 1.5 MB buffers cost ~1 ms a decode step).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+// The weights e^((x - max) / t) of one row into w, and their sums over chunks of CHUNK tokens
+// into sums; -inf logits (tokens a constraint forbids) get weight exactly 0.
+constexpr int64_t CHUNK = 64;
+
+inline void row_weights(const float* x, int64_t n, float max, float inv_t, float* w, double* sums) {
+  int64_t i = 0;
+  int64_t c = 0;
+#ifdef LH_AVX512
+  const __m512 m = _mm512_set1_ps(max), s = _mm512_set1_ps(inv_t);
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (; i + CHUNK <= n; i += CHUNK, ++c) {
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j = i; j < i + CHUNK; j += LANES) {
+      const __m512 v = _mm512_loadu_ps(x + j);
+      const __mmask16 allowed = _mm512_cmp_ps_mask(v, minus_inf, _CMP_NEQ_OQ);
+      const __m512 e =
+          _mm512_maskz_mov_ps(allowed, exp_lanes(_mm512_mul_ps(_mm512_sub_ps(v, m), s)));
+      _mm512_storeu_ps(w + j, e);
+      total = _mm512_add_ps(total, e);
+    }
+    sums[c] = _mm512_reduce_add_ps(total);
+  }
+#endif
+  for (; i < n; i += CHUNK, ++c) {
+    const int64_t end = std::min(n, i + CHUNK);
+    float total = 0.f;
+    for (int64_t j = i; j < end; ++j) {
+      w[j] = std::isinf(x[j]) && x[j] < 0 ? 0.f : std::exp((x[j] - max) * inv_t);
+      total += w[j];
+    }
+    sums[c] = total;
+  }
+}
+
+// The largest of n floats, in four independent vector chains (a single scalar chain of maxes,
+// which is what the compiler made of the plain loop, took 55 us for 49k logits).
+inline float row_max(const float* x, int64_t n) {
+  float max = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+#ifdef LH_AVX512
+  __m512 m[4];
+  for (auto& v : m) v = _mm512_set1_ps(max);
+  for (; i + 4 * LANES <= n; i += 4 * LANES)
+    for (int j = 0; j < 4; ++j) m[j] = _mm512_max_ps(m[j], _mm512_loadu_ps(x + i + j * LANES));
+  max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m[0], m[1]), _mm512_max_ps(m[2], m[3])));
+#elif defined(LH_AVX2)
+  __m256 m[4];
+  for (auto& v : m) v = _mm256_set1_ps(max);
+  for (; i + 4 * LANES <= n; i += 4 * LANES)
+    for (int j = 0; j < 4; ++j) m[j] = _mm256_max_ps(m[j], _mm256_loadu_ps(x + i + j * LANES));
+  alignas(32) float lanes[LANES];
+  _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3])));
+  for (const float v : lanes) max = std::max(max, v);
+#endif
+  for (; i < n; ++i) max = std::max(max, x[i]);
+  return max;
+}
+
+// The first token whose running sum of weights passes u times their total (u in [0, 1)), so a
+// token of weight 0 is never drawn. The chunk sums are added in one order for the total and the
+// search alike; within the chunk found, rounding may leave the target unreached: its last token
+// of nonzero weight is taken then.
+inline int64_t draw_row(const float* x, int64_t n, float temperature, double u, float* w,
+                        double* sums) {
+  const float max = row_max(x, n);
+  if (!(max > -std::numeric_limits<float>::infinity())) return -1;  // nothing allowed (or NaN)
+  const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+  row_weights(x, n, max, 1.f / temperature, w, sums);
+  double total = 0;
+  for (int64_t c = 0; c < chunks; ++c) total += sums[c];
+  const double target = u * total;
+  double seen = 0;
+  int64_t c = 0;
+  while (c + 1 < chunks && seen + sums[c] <= target) seen += sums[c++];
+  while (c > 0 && sums[c] == 0) --c;  // the target fell past the last nonzero chunk by rounding
+  int64_t pick = -1;
+  for (int64_t j = c * CHUNK; j < std::min(n, (c + 1) * CHUNK); ++j) {
+    if (w[j] == 0) continue;
+    pick = j;
+    seen += w[j];
+    if (seen > target) break;
+  }
+  return pick;
+}
+
+// logits float32 [B, V], temperatures float32 and uniforms float64 [B] -> int64 [B] (-1 where
+// every logit is -inf); rows in parallel.
+torch::Tensor draw(torch::Tensor logits, torch::Tensor temperatures, torch::Tensor uniforms) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat32,
+              "draw: logits must be float32 [B, V]");
+  logits = logits.contiguous();
+  const auto t = temperatures.to(torch::kFloat32).contiguous();
+  const auto u = uniforms.to(torch::kFloat64).contiguous();
+  const int64_t rows = logits.size(0), n = logits.size(1);
+  TORCH_CHECK(t.numel() == rows && u.numel() == rows, "draw: one temperature and uniform a row");
+  auto out = torch::empty({rows}, torch::kInt64);
+  const float* x = logits.data_ptr<float>();
+  const float* tp = t.data_ptr<float>();
+  const double* up = u.data_ptr<double>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> w;  // scratch kept between calls: no allocation a step
+    thread_local std::vector<double> sums;
+    w.resize(n);
+    sums.resize((n + CHUNK - 1) / CHUNK);
+    for (int64_t r = begin; r < end; ++r)
+      op[r] = draw_row(x + r * n, n, tp[r], up[r], w.data(), sums.data());
+  });
+  return out;
+}
+
+}  // namespace
