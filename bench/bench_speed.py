@@ -84,11 +84,15 @@ def run_llamaherd(path: str, threads: int, mode: str, chat: list[int]) -> dict[s
     model = llm.model
     greedy = SamplingParams(max_new_tokens=DECODE_LEN, temperature=0.0, ignore_eos=True)
     with torch.inference_mode():
-        ids = _prefill_ids()
-        model.setup_cache(1, PREFILL_LEN + 1)
-        model(torch.tensor([ids[:16]]), output_index=torch.tensor([15]))  # warm-up
+        # the prompt goes through the engine's prefill (in chunks of PREFILL_CHUNK positions) and
+        # its first token is sampled, as for any request; no prefix cache, so nothing is reused
+        ids, first = _prefill_ids(), SamplingParams(max_new_tokens=1, temperature=0.0)
+        engine = Engine(model, llm.tokenizer, rows=1, max_len=PREFILL_LEN + 1, prefix_cache=False)
+        engine.add(ids[:16], first)
+        engine.step()  # warm-up
+        engine.add(ids, first)
         t0 = time.perf_counter()
-        model(torch.tensor([ids]), output_index=torch.tensor([PREFILL_LEN - 1]))
+        engine.step()
         prefill = PREFILL_LEN / (time.perf_counter() - t0)
 
         def decode(batch: int) -> float:

@@ -163,3 +163,21 @@ def test_fused_decode_refuses_out_of_range_rows_and_positions(tiny_packed):
         tiny_packed.fast_decode(h, torch.tensor([[8]]), torch.tensor([0]))
     with pytest.raises(RuntimeError, match="out of range"):
         tiny_packed.fast_decode(h, torch.tensor([[0]]), torch.tensor([2]))
+
+
+def test_kernel_feed_forward_matches_the_composed_one_in_blocks_of_rows(tiny_packed):
+    """The packed model's feed-forward (w13, one-pass SwiGLU, w2, over blocks of ROWS tokens)
+    gives what w2(silu(gate) * up) gives, for fewer rows than a block and for several blocks."""
+    from llamaherd.quant.fused import KernelFeedForward
+
+    ffn = tiny_packed.layers[0].feed_forward
+    assert isinstance(ffn, KernelFeedForward)
+    dim = TINY.dim
+    for T in (5, 2 * KernelFeedForward.ROWS + 44):
+        x = torch.randn(2, T, dim, generator=torch.Generator().manual_seed(T))
+        gate, up = ffn.w13(x).chunk(2, dim=-1)
+        expected = ffn.w2(torch.nn.functional.silu(gate) * up)
+        with torch.inference_mode():
+            got = ffn(x)
+        assert got.shape == (2, T, dim)
+        assert (got - expected).abs().max() < 1e-5 * expected.abs().max()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from conftest import TINY, make_tiny_model
 
+from llamaherd.model import zeros_on_demand
+
 
 @torch.inference_mode()
 def test_cache_rows_consecutive_or_not_give_the_same_logits() -> None:
@@ -40,3 +42,19 @@ def test_batched_decode_at_different_positions_matches_single_runs() -> None:
     for i in range(2):
         torch.testing.assert_close(out[i, -1], ref[i], atol=1e-5, rtol=1e-5)
     model.drop_cache()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def test_a_large_cache_takes_memory_as_it_is_written() -> None:
+    big = zeros_on_demand((4, 1024, 4096), torch.float32)  # 64 MB
+    small = zeros_on_demand((16, 64), torch.float16)
+    assert not big.any() and not small.any() and small.dtype == torch.float16
+    before = _rss_mb()
+    big[0] = 1.0  # a quarter of it
+    grown = _rss_mb() - before
+    assert 14 < grown < 20, f"writing 16 MB of a 64 MB cache grew RSS by {grown:.1f} MB"
+    assert int(big.sum()) == 1024 * 4096

@@ -10,6 +10,7 @@ from conftest import FIXTURES
 
 from llamaherd import hub
 from llamaherd.tokenizer import Tokenizer, TokenizerError, load
+from llamaherd.tokenizer.base import PackedStrings
 
 LLAMA3_GGUF = FIXTURES / "ggml-vocab-llama-bpe.gguf"
 LLAMA2_GGUF = FIXTURES / "ggml-vocab-llama-spm.gguf"
@@ -249,3 +250,14 @@ def test_gguf_without_vocabulary(tmp_path: Path) -> None:
 def test_encode_rejects_non_text(llama3: Tokenizer) -> None:
     with pytest.raises(TokenizerError, match="needs a str"):
         llama3.encode(b"bytes")  # type: ignore[arg-type]
+
+
+def test_packed_strings_index_like_a_list() -> None:
+    items = [b"a", b"", "\u00e9t\u00e9".encode(), b"\x00\xff", b"last"]
+    packed = PackedStrings()
+    for item in items:
+        packed.append(item)
+    assert len(packed) == len(items)
+    assert [packed[i] for i in range(len(items))] == items
+    assert packed[-1] == b"last" and packed[-4] == b""
+    assert list(packed) == items

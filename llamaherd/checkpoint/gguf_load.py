@@ -71,10 +71,10 @@ def load_gguf(path: Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
     if divisors is not None:  # factors that no Llama 3.1 scaling explains: use them as they are
         model.rope_freqs = rope_frequencies(args.head_dim, args.rope_theta, None) / divisors
     if packed:
-        from llamaherd.quant.fused import FusedDecoder, use_kernel_norms
+        from llamaherd.quant.fused import FusedDecoder, use_kernel_modules
 
         model.fuse_projections()  # one kernel call for q|k|v and one for gate|up
-        use_kernel_norms(model)
+        use_kernel_modules(model)
         model.fast_decode = FusedDecoder.build(model)  # after the final rope_freqs: it copies them
         model.kv_dtype = torch.float16  # as llama.cpp keeps it: half the cache's memory traffic
     types = Counter(t.qtype.name for t in f.tensors.values())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llamaherd.model import RMSNorm
+from llamaherd.model import FeedForward, RMSNorm
 from llamaherd.quant import kernels
 
 
@@ -23,16 +23,51 @@ class KernelRMSNorm(nn.Module):
         return kernels.load().rms_norm(x, self.weight, self.eps)
 
 
-def use_kernel_norms(model: nn.Module) -> int:
-    """Swap every RMSNorm for KernelRMSNorm when the C++ kernels are available; returns how many."""
+class KernelFeedForward(nn.Module):
+    """The SwiGLU feed-forward of a layer with fused, packed gate/up weights: w13, then SwiGLU in
+    one C++ pass, then w2, over blocks of ROWS tokens, so that a long prompt's (T, 2 x hidden)
+    intermediate never exists whole (at T = 512 on the default model the prefill's peak memory
+    is ~9 MB lower). Rows are independent, so the blocks give the same results as one pass."""
+
+    ROWS = 128
+
+    def __init__(self, ffn: FeedForward) -> None:
+        super().__init__()
+        self.w13, self.w2 = ffn.w13, ffn.w2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(torch.nn.functional.silu(gate) * up)
+        ops = kernels.load()
+        flat = x.reshape(-1, x.shape[-1])  # (T, dim)
+        if flat.shape[0] <= self.ROWS:
+            return self.w2(ops.swiglu(self.w13(flat))).view(*x.shape[:-1], -1)
+        out = torch.empty(flat.shape[0], self.w2.out_features)
+        for i in range(0, flat.shape[0], self.ROWS):
+            out[i:i + self.ROWS] = self.w2(ops.swiglu(self.w13(flat[i:i + self.ROWS])))
+        return out.view(*x.shape[:-1], -1)
+
+
+def use_kernel_modules(model: nn.Module) -> int:
+    """Swap every RMSNorm for KernelRMSNorm, and every feed-forward with packed fused gate/up
+    weights for KernelFeedForward, when the C++ kernels are available; returns how many."""
+    from llamaherd.quant.gguf_linear import GGUFLinear
+
     if not kernels.available():
         return 0
     swapped = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, RMSNorm):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, KernelRMSNorm(module))
-            swapped += 1
+            swap = KernelRMSNorm(module)
+        elif (isinstance(module, FeedForward)
+              and all(isinstance(w, GGUFLinear) and w.packed for w in (module.w13, module.w2))):
+            swap = KernelFeedForward(module)
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, swap)
+        swapped += 1
     return swapped
 
 
@@ -56,9 +91,6 @@ class FusedDecoder:
                                  layer.ffn_norm.weight.detach(), ffn.w13.data, ffn.w13.qtype_id,
                                  ffn.w2.data, ffn.w2.qtype_id)
         self._attentions = [layer.attention for layer in model.layers]
-        self._caches: list = []  # the KV caches the lists below were taken from
-        self._k: list[torch.Tensor] = []
-        self._v: list[torch.Tensor] = []
 
     @staticmethod
     def build(model: nn.Module) -> FusedDecoder | None:
@@ -85,10 +117,10 @@ class FusedDecoder:
     def __call__(self, h: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """h: (B, 1, dim) embeddings; pos: (B, 1) positions; rows: (B,) cache rows (None: 0..B-1)."""
         B = h.shape[0]
+        # the model's current caches, looked up each step (~3 us): holding on to them here would
+        # keep a dropped cache's memory alive until the next step
         caches = [attention.cache for attention in self._attentions]
-        if caches != self._caches:  # setup_cache made new ones
-            self._caches, self._k, self._v = caches, [c.k for c in caches], [c.v for c in caches]
         if rows is None:
             rows = torch.arange(B)
-        return self._impl.forward(h.reshape(B, -1), rows, pos.reshape(B), self._k,
-                                  self._v).view(B, 1, -1)
+        return self._impl.forward(h.reshape(B, -1), rows, pos.reshape(B), [c.k for c in caches],
+                                  [c.v for c in caches]).view(B, 1, -1)

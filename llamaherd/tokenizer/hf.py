@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,10 @@ class HFTokenizer(Tokenizer):
     def encode_ordinary(self, text: str) -> list[int]:
         return self._tk.encode(text, add_special_tokens=False).ids
 
-    def _build_pieces(self) -> tuple[list[str], list[bytes]]:
-        names, data = [], []
+    def _iter_pieces(self) -> Iterator[tuple[str, bytes]]:
         for i in range(self.vocab_size):
             piece = self._tk.id_to_token(i) or ""
-            names.append(piece)
-            data.append(self._piece_bytes(piece, i in self.special_ids))
-        return names, data
+            yield piece, self._piece_bytes(piece, i in self.special_ids)
 
     def _piece_bytes(self, piece: str, special: bool) -> bytes:
         if special:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -54,17 +54,14 @@ class SentencePieceTokenizer(Tokenizer):
             text = " " + text
         return self._sp.encode(text)
 
-    def _build_pieces(self) -> tuple[list[str], list[bytes]]:
-        names, data = [], []
+    def _iter_pieces(self) -> Iterator[tuple[str, bytes]]:
         for piece, kind in self._proto_pieces:
-            names.append(piece)
             if kind == BYTE:
-                data.append(bytes([int(piece[3:5], 16)]))  # '<0x0A>' -> b'\n'
+                yield piece, bytes([int(piece[3:5], 16)])  # '<0x0A>' -> b'\n'
             elif kind == NORMAL or kind == USER_DEFINED:
-                data.append(piece.replace(SPACE, " ").encode("utf-8"))
+                yield piece, piece.replace(SPACE, " ").encode("utf-8")
             else:
-                data.append(piece.encode("utf-8"))
-        return names, data
+                yield piece, piece.encode("utf-8")
 
 
 def _copy(proto: pb.ModelProto) -> pb.ModelProto:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 from pathlib import Path
 
 import tiktoken
@@ -89,15 +90,14 @@ class TiktokenTokenizer(Tokenizer):
             raise TokenizerError(f"encode() needs a str, got {type(text).__name__}") from e
         return self._wrap(ids, bos, eos) if bos or eos else ids
 
-    def _build_pieces(self) -> tuple[list[str], list[bytes]]:
+    def _iter_pieces(self) -> Iterator[tuple[str, bytes]]:
         data = [b""] * self.vocab_size
         for token, rank in self._ranks.items():
             data[rank] = token
-        names = [spell(b) for b in data]
-        for text, tid in self.special_tokens.items():
-            data[tid] = text.encode("utf-8")
-            names[tid] = text
-        return names, data
+        specials = {tid: text for text, tid in self.special_tokens.items()}
+        for i, piece in enumerate(data):
+            text = specials.get(i)
+            yield (text, text.encode("utf-8")) if text is not None else (spell(piece), piece)
 
 
 def load_llama3_model(path: str | Path, chat_template: str | None = None) -> TiktokenTokenizer:

@@ -5,7 +5,7 @@
 //   activations.h  8-bit activation blocks
 //   simd.h         float vector helpers: dot, axpy, exp, SwiGLU
 //   tile_*.h       one integer-dot tile per instruction set (AVX-512 VNNI, AMX, AVX2, portable)
-//   matmul.h       matmuls over panels, RMSNorm
+//   matmul.h       matmuls over panels, RMSNorm, SwiGLU
 //   decode.h       the fused decode step
 //   sampling.h     drawing tokens from softmax(logits / temperature)
 
@@ -45,6 +45,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "k-quant GGUF rows -> rows of Q4_1 (from Q4_K) or Q8_0 (from Q5_K, Q6_K)");
   m.def("matmul", &matmul, nogil, "x float32 [..., K] @ packed W^T (N rows) -> float32 [..., N]");
   m.def("rms_norm", &rms_norm, nogil, "RMSNorm of float32 rows [..., K] with weight [K]");
+  m.def("swiglu", &swiglu, nogil, "silu(gate) * up of float32 rows [..., 2H] (gate | up)");
   m.def("draw", &draw, nogil,
         "one token a row of logits float32 [B, V] from softmax(logits / temperature) by inverse CDF");
   m.def("simd", &simd, "the instruction set the kernels were compiled for");

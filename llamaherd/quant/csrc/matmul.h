@@ -109,4 +109,22 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return out.view(x.sizes());
 }
 
+// SwiGLU of rows float32 [..., 2H] holding gate | up -> [..., H]: silu(gate) * up in one pass
+// (torch makes two temporaries of [..., H] on the way).
+torch::Tensor swiglu(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dtype() == torch::kFloat && gate_up.size(-1) % 2 == 0,
+              "swiglu takes float32 [..., 2H]");
+  const int64_t h = gate_up.size(-1) / 2;
+  const torch::Tensor x = gate_up.reshape({-1, 2 * h}).contiguous();
+  std::vector<int64_t> shape = gate_up.sizes().vec();
+  shape.back() = h;
+  auto out = torch::empty(shape, gate_up.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, x.size(0), 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) swiglu_row(xp + r * 2 * h, xp + r * 2 * h + h, op + r * h, h);
+  });
+  return out;
+}
+
 }  // namespace
