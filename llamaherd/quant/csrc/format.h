@@ -67,6 +67,11 @@ namespace {
 
 constexpr int64_t QK = 32;     // weights per block
 constexpr int64_t PANEL = 16;  // rows per panel: one per int32 lane of a 512-bit vector
+// Bytes ahead of the current block to prefetch: panels are read once, front to back, from memory
+// (the model does not stay in this VM's cache between steps), and the hardware prefetcher alone
+// stalls at page boundaries. One page ahead decoded 25% faster than 1 KB ahead here, at batch 1
+// and batch 8 alike; 8 and 16 KB were no better.
+constexpr int64_t PREFETCH_AHEAD = 4096;
 
 enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
 

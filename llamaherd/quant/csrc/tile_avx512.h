@@ -6,12 +6,6 @@
 
 namespace {
 
-// Bytes ahead of the current block to prefetch: panels are read once, front to back, from memory
-// (the model does not stay in this VM's cache between steps), and the hardware prefetcher alone
-// stalls at page boundaries. One page ahead decoded 25% faster than 1 KB ahead here, at batch 1
-// and batch 8 alike; 8 and 16 KB were no better.
-constexpr int64_t PREFETCH_AHEAD = 4096;
-
 // A block's weight scales for the panel's 16 rows: d, and the stored min m (Q4_1 only; the other
 // types' m = coef*d is folded into the activation term).
 struct BlockScales {
