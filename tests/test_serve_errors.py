@@ -115,6 +115,8 @@ CASES: list[tuple[str, str, dict[str, Any] | bytes, int]] = [
     ("unknown tool_choice", CHAT, chat(tools=[TOOL], tool_choice="sometimes"), 400),
     ("required tool with an unenforceable schema", CHAT, chat(tool_choice="required", tools=[
         {"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}]), 400),
+    ("auto tool with an unenforceable schema", CHAT, chat(tools=[
+        {"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}]), 400),
     ("prompt over the context window", CHAT,
      chat(messages=[{"role": "user", "content": "word " * (CONTEXT + 200)}]), 400),
     ("completion without prompt", "/v1/completions", {"model": DEFAULT_MODEL}, 400),

@@ -23,6 +23,12 @@ class GrammarError(ValueError):
     """A schema or grammar the engine cannot enforce exactly (rejected, never run unconstrained)."""
 
 
+def _regex_literal(text: str) -> str:
+    """`text` as a Lark /regex/ that matches it literally."""
+    return "".join("\\" + c if c in "\\.+*?()|[]{}^$#&~-/" else "\\n" if c == "\n" else c
+                   for c in text)
+
+
 class _Encoder:
     """The callable llguidance uses to tokenize forced text (never parses special tokens)."""
 
@@ -96,6 +102,24 @@ class Guidance:
                   arguments_key: str = "arguments") -> str:
         """A grammar for exactly one call `begin{"name": ..., "<arguments_key>": {...}}end` to one of
         `tools` (name, JSON schema of its arguments), each call's arguments valid for its tool."""
+        lark = "start: " + self._call(tools, begin, end, arguments_key)
+        return self.check(llguidance.LLMatcher.grammar_from_lark(lark))
+
+    def text_or_tool_call(self, tools: Sequence[tuple[str, dict[str, Any] | None]], begin: str,
+                          end: str, arguments_key: str = "arguments") -> str:
+        """A grammar for tool_choice "auto": free text that does not begin like a call (after any
+        whitespace: `begin`, or for bare-JSON calls "{" or "["), or exactly one call as in
+        `tool_call`. Text stays free; a call, once begun, must be a valid one."""
+        heads = [begin.strip()] if begin.strip() else ["{", "["]
+        starts = "|".join(map(_regex_literal, heads))
+        lark = (f"start: TEXT | call\n"
+                f"call: {self._call(tools, begin, end, arguments_key)}\n"
+                f"TEXT: /(?s:.*)/ & ~/(?s:[ \\t\\r\\n]*({starts}).*)/")
+        return self.check(llguidance.LLMatcher.grammar_from_lark(lark))
+
+    def _call(self, tools: Sequence[tuple[str, dict[str, Any] | None]], begin: str, end: str,
+              arguments_key: str) -> str:
+        """The Lark expansion of one call to one of `tools`."""
         if not tools:
             raise GrammarError("no tools to call")
         options = []
@@ -110,8 +134,7 @@ class Guidance:
         schema = options[0] if len(options) == 1 else {"anyOf": options}
         schema["x-guidance"] = _JSON_OPTIONS  # %json inside Lark reads its options from here
         parts = [self._literal(begin), f"%json {json.dumps(schema)}", self._literal(end)]
-        lark = "start: " + " ".join(p for p in parts if p)
-        return self.check(llguidance.LLMatcher.grammar_from_lark(lark))
+        return " ".join(p for p in parts if p)
 
     def _literal(self, text: str) -> str:
         """Lark for `text`: special tokens by name (e.g. <|python_tag|>), the rest quoted."""

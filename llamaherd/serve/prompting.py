@@ -162,13 +162,18 @@ def chat_grammar(req: ChatCompletionRequest, guidance: Guidance,
                                       syntax.begin, syntax.end, syntax.arguments_key)
         fmt = req.response_format
         if fmt is None or fmt.type == "text":
+            if choice == "auto" and req.tools:  # text, or a call whose arguments fit its tool
+                return guidance.text_or_tool_call(
+                    [(t.function.name, t.function.parameters) for t in req.tools],
+                    syntax.begin, syntax.end, syntax.arguments_key)
             return None
         if fmt.type == "json_object":
             return guidance.json_schema(None)
         return guidance.json_schema(fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None
                                     else True)
     except GrammarError as e:
-        param = "tools" if req.tools and choice != "auto" and choice != "none" \
-            else "response_format"
+        fmt = req.response_format
+        param = "tools" if req.tools and choice != "none" and (
+            choice != "auto" or fmt is None or fmt.type == "text") else "response_format"
         raise APIError(f"{param}: the engine cannot enforce this schema: {e}", param=param,
                        code="unsupported_schema") from e
