@@ -202,7 +202,8 @@ def _draw(logits: torch.Tensor, temperatures: torch.Tensor, u: torch.Tensor) -> 
 def draw_torch(logits: torch.Tensor, temperatures: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """_draw in torch (float64 sums): the fallback, and the reference the kernel is tested on."""
     allowed = (logits > -math.inf).any(-1)
-    probs = (logits.double() / temperatures[:, None].double()).softmax(-1)
+    t, u = temperatures.to(logits.device, torch.float64), u.to(logits.device, torch.float64)
+    probs = (logits.double() / t[:, None]).softmax(-1)
     cdf = probs.cumsum(-1)
     picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
     last = cdf.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)  # the last possible token
