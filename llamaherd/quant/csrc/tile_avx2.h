@@ -43,9 +43,7 @@ void half_tile(const Activations& a, int64_t r0, const uint8_t* panel, int half,
   }
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* block = panel + b * PANEL * f.block_bytes;
-    if (half == 0)  // the first pass over the panel; the other passes find it in cache
-      for (int64_t line = 0; line < PANEL * f.block_bytes; line += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(block + PREFETCH_AHEAD + line), _MM_HINT_T0);
+    if (half == 0) prefetch_panel(block, PANEL * f.block_bytes);  // the other passes hit cache
     const uint8_t* quants = block + f.scale_bytes() + 4 * HALF * half;
     __m256i dot[G];
 #ifdef LH_AVX_VNNI

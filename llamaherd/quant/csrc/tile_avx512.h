@@ -54,9 +54,7 @@ void tile(const Activations& a, int64_t r0, const uint8_t* panel, float* out, in
   }
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* block = panel + b * PANEL * f.block_bytes;
-#pragma GCC unroll 8
-    for (int64_t line = 0; line < PANEL * f.block_bytes; line += 64)  // the hardware prefetcher
-      _mm_prefetch(reinterpret_cast<const char*>(block + PREFETCH_AHEAD + line), _MM_HINT_T0);
+    prefetch_panel(block, PANEL * f.block_bytes);
     const BlockScales scales = block_scales<QT>(block);
     const uint8_t* quants = block + f.scale_bytes();
     __m512i w[NV];
