@@ -236,12 +236,7 @@ class Decoder {
       for (int64_t b = 0; b < B; ++b)
         rms_norm_row(xp + b * dim_, layer.ffn_norm.data_ptr<float>(), dim_, eps_, xn.data() + b * dim_);
       layer.w13(xn.data(), B, gu.data());
-      // SwiGLU, rows split between threads (one row runs on this thread)
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b)
-          swiglu_row(gu.data() + b * 2 * hidden_, gu.data() + b * 2 * hidden_ + hidden_,
-                     act.data() + b * hidden_, hidden_);
-      });
+      swiglu_rows(gu.data(), B, hidden_, act.data());
       layer.w2(act.data(), B, delta.data());
       for (int64_t i = 0; i < B * dim_; ++i) xp[i] += delta[i];
     }

@@ -119,11 +119,7 @@ torch::Tensor swiglu(torch::Tensor gate_up) {
   std::vector<int64_t> shape = gate_up.sizes().vec();
   shape.back() = h;
   auto out = torch::empty(shape, gate_up.options());
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, x.size(0), 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) swiglu_row(xp + r * 2 * h, xp + r * 2 * h + h, op + r * h, h);
-  });
+  swiglu_rows(x.data_ptr<float>(), x.size(0), h, out.data_ptr<float>());
   return out;
 }
 

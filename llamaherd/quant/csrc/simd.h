@@ -93,4 +93,13 @@ inline void swiglu_row(const float* gate, const float* up, float* out, int64_t n
   for (int64_t j = i; j < n; ++j) out[j] = gate[j] / (1.f + expf(-gate[j])) * up[j];
 }
 
+// SwiGLU of `rows` rows of gate | up (2h floats each) into rows of h floats, rows split between
+// threads (one row runs on this thread).
+inline void swiglu_rows(const float* gate_up, int64_t rows, int64_t h, float* out) {
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      swiglu_row(gate_up + r * 2 * h, gate_up + r * 2 * h + h, out + r * h, h);
+  });
+}
+
 }  // namespace
