@@ -152,7 +152,7 @@ def chat_grammar(req: ChatCompletionRequest, guidance: Guidance,
                  syntax: ToolSyntax) -> str | None:
     """The grammar that must hold for every choice, or None for free text (fails closed: a schema
     the engine cannot enforce raises APIError)."""
-    choice = req.effective_tool_choice()
+    choice, fmt = req.effective_tool_choice(), req.response_format
     try:
         if choice == "required" or isinstance(choice, NamedToolChoice):
             tools = req.tools or []
@@ -160,7 +160,6 @@ def chat_grammar(req: ChatCompletionRequest, guidance: Guidance,
                 tools = [t for t in tools if t.function.name == choice.function.name]
             return guidance.tool_call([(t.function.name, t.function.parameters) for t in tools],
                                       syntax.begin, syntax.end, syntax.arguments_key)
-        fmt = req.response_format
         if fmt is None or fmt.type == "text":
             if choice == "auto" and req.tools:  # text, or a call whose arguments fit its tool
                 return guidance.text_or_tool_call(
@@ -172,7 +171,6 @@ def chat_grammar(req: ChatCompletionRequest, guidance: Guidance,
         return guidance.json_schema(fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None
                                     else True)
     except GrammarError as e:
-        fmt = req.response_format
         param = "tools" if req.tools and choice != "none" and (
             choice != "auto" or fmt is None or fmt.type == "text") else "response_format"
         raise APIError(f"{param}: the engine cannot enforce this schema: {e}", param=param,
