@@ -304,7 +304,7 @@ class Decoder {
         head_scores(q, heads, keys, values, n, D, scale, scores.data());
         for (int64_t h = 0; h < heads; ++h) {  // softmax of each head's scores
           float* e = scores.data() + h * n;
-          const float top = *std::max_element(e, e + n);
+          const float top = row_max(e, n);
           float total = 0.f;
 #pragma omp simd reduction(+ : total)
           for (int64_t j = 0; j < n; ++j) {

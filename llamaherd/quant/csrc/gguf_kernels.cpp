@@ -3,7 +3,7 @@
 //   packing.h      GGUF rows <-> panels
 //   kquants.h      k-quant rows rewritten as kernel types
 //   activations.h  8-bit activation blocks
-//   simd.h         float vector helpers: dot, axpy, exp, SwiGLU
+//   simd.h         float vector helpers: dot, max, axpy, exp, SwiGLU
 //   tile_*.h       one integer-dot tile per instruction set (AVX-512 VNNI, AMX, AVX2, portable)
 //   matmul.h       matmuls over panels, RMSNorm, SwiGLU
 //   decode.h       the fused decode step

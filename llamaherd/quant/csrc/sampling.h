@@ -46,30 +46,6 @@ inline void row_weights(const float* x, int64_t n, float max, float inv_t, float
   }
 }
 
-// The largest of n floats, in four independent vector chains (a single scalar chain of maxes,
-// which is what the compiler made of the plain loop, took 55 us for 49k logits).
-inline float row_max(const float* x, int64_t n) {
-  float max = -std::numeric_limits<float>::infinity();
-  int64_t i = 0;
-#ifdef LH_AVX512
-  __m512 m[4];
-  for (auto& v : m) v = _mm512_set1_ps(max);
-  for (; i + 4 * LANES <= n; i += 4 * LANES)
-    for (int j = 0; j < 4; ++j) m[j] = _mm512_max_ps(m[j], _mm512_loadu_ps(x + i + j * LANES));
-  max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m[0], m[1]), _mm512_max_ps(m[2], m[3])));
-#elif defined(LH_AVX2)
-  __m256 m[4];
-  for (auto& v : m) v = _mm256_set1_ps(max);
-  for (; i + 4 * LANES <= n; i += 4 * LANES)
-    for (int j = 0; j < 4; ++j) m[j] = _mm256_max_ps(m[j], _mm256_loadu_ps(x + i + j * LANES));
-  alignas(32) float lanes[LANES];
-  _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3])));
-  for (const float v : lanes) max = std::max(max, v);
-#endif
-  for (; i < n; ++i) max = std::max(max, x[i]);
-  return max;
-}
-
 // The first token whose running sum of weights passes u times their total (u in [0, 1)), so a
 // token of weight 0 is never drawn. The chunk sums are added in one order for the total and the
 // search alike; within the chunk found, rounding may leave the target unreached: its last token
