@@ -22,16 +22,18 @@ void store_row(const float* x, T* out, int64_t n) {
 
 // ---------------------------------------------------------------------------------------------
 // One attention task: `heads` query heads (D floats each, adjacent) against n cached rows of their
-// shared kv head. head_scores and head_values are plain loops over dot and axpy; with AVX-512 and
-// head_dim 64 or 128 (every Llama so far) they take blocks of 16 keys at a time instead: a block
-// is converted to float once for all the heads, its 16 dot products per head are summed together
-// by shuffles (no horizontal sum per key), and the output rows stay in registers.
+// shared kv head. head_scores and head_values are plain loops over dot and axpy; with a vector
+// build and head_dim 64 or 128 (every Llama so far) they take blocks of LANES keys at a time
+// instead: a block is converted to float once for all the heads, its LANES dot products per head
+// are summed together by shuffles (no horizontal sum per key), and the output rows stay in
+// registers.
 
+#ifdef LH_LANES
 #ifdef LH_AVX512
-// sum16's lane i holds the sum of vector SUM16_ORDER[i] (the shuffles transpose 4 x 4 groups).
-constexpr int SUM16_ORDER[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+// sum_lanes' lane i holds the sum of vector KEY_ORDER[i] (the shuffles transpose 4 x 4 groups).
+constexpr int KEY_ORDER[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
 
-inline __m512 sum16(const __m512* v) {
+inline Lanes sum_lanes(const Lanes* v) {
   __m512 t[8], u[4], w[2];
 #pragma GCC unroll 8
   for (int i = 0; i < 8; ++i)  // halves of 2i and 2i+1 added: 8 partial sums each
@@ -48,65 +50,83 @@ inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
 }
 
-// The scores of the whole blocks of 16 keys; returns how many keys that was.
+constexpr int VALUE_HEADS = 4;  // head_values_blocked: heads a pass (of 32 registers)
+#else
+// sum_lanes' lane i holds the sum of vector i: pairwise sums within 128-bit halves, then the
+// halves of the eight partial sums added.
+constexpr int KEY_ORDER[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+
+inline Lanes sum_lanes(const Lanes* v) {
+  const __m256 a = _mm256_hadd_ps(v[0], v[1]), b = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 c = _mm256_hadd_ps(v[4], v[5]), d = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);  // halves' sums of 0-3, 4-7
+  return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+}
+
+constexpr int VALUE_HEADS = 2;  // of 16 registers
+#endif
+
+// The scores of the whole blocks of LANES keys; returns how many keys that was.
 template <int D, typename T>
 int64_t head_scores_blocked(const float* q, int64_t heads, const T* keys, const T* values,
                             int64_t n, float scale, float* s) {
   constexpr int C = D / LANES;
-  alignas(64) float block[16 * D];  // 16 keys as floats
-  const __m512 sv = _mm512_set1_ps(scale);
+  alignas(64) float block[LANES * D];  // LANES keys as floats
+  const Lanes sv = splat(scale);
   int64_t j0 = 0;
-  for (; j0 + 16 <= n; j0 += 16) {
+  for (; j0 + LANES <= n; j0 += LANES) {
     const T* kb = keys + j0 * D;
-    prefetch_row(kb + 16 * D, 16 * D);  // the next block, and its values for head_values
-    prefetch_row(values + (j0 + 16) * D, 16 * D);
+    prefetch_row(kb + LANES * D, LANES * D);  // the next block, and its values for head_values
+    prefetch_row(values + (j0 + LANES) * D, LANES * D);
 #pragma GCC unroll 16
-    for (int i = 0; i < 16 * C; ++i) _mm512_store_ps(block + LANES * i, load_lanes(kb + LANES * i));
+    for (int i = 0; i < LANES * C; ++i) store_lanes(block + LANES * i, load_lanes(kb + LANES * i));
     for (int64_t h = 0; h < heads; ++h) {
       const float* qh = q + h * D;
-      __m512 acc[16];
+      Lanes acc[LANES];
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) {
-        const float* key = block + SUM16_ORDER[i] * D;
-        acc[i] = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_load_ps(key));
+      for (int i = 0; i < LANES; ++i) {
+        const float* key = block + KEY_ORDER[i] * D;
+        acc[i] = mul(load_lanes(qh), load_lanes(key));
 #pragma GCC unroll 8
-        for (int c = 1; c < C; ++c)
-          acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + LANES * c), _mm512_load_ps(key + LANES * c), acc[i]);
+        for (int c = 1; c < C; ++c) acc[i] = fmadd(load_lanes(qh + LANES * c), load_lanes(key + LANES * c), acc[i]);
       }
-      _mm512_storeu_ps(s + h * n + j0, _mm512_mul_ps(sum16(acc), sv));
+      store_lanes(s + h * n + j0, mul(sum_lanes(acc), sv));
     }
   }
   return j0;
 }
 
+// Output rows in registers: VALUE_HEADS heads x 4 vectors of their rows a pass.
 template <int D, typename T>
 void head_values_blocked(const float* p, int64_t heads, const T* values, int64_t n, float* o) {
-  constexpr int C = D / LANES, HB = C <= 4 ? 4 : 2;  // heads a pass, their rows in registers
+  constexpr int C = D / LANES, CB = C < 4 ? C : 4, HB = VALUE_HEADS;
   for (int64_t h0 = 0; h0 < heads; h0 += HB) {
     const int64_t hb = std::min<int64_t>(HB, heads - h0);
-    __m512 acc[HB][C];
+    for (int c0 = 0; c0 < C; c0 += CB) {
+      Lanes acc[HB][CB];
 #pragma GCC unroll 4
-    for (int hh = 0; hh < HB; ++hh)
-#pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) acc[hh][c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; ++j) {
-      prefetch_row(values + (j + AHEAD) * D, D);
-      __m512 v[C];
-#pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) v[c] = load_lanes(values + j * D + LANES * c);
+      for (int hh = 0; hh < HB; ++hh)
+#pragma GCC unroll 4
+        for (int c = 0; c < CB; ++c) acc[hh][c] = splat(0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        if (c0 == 0) prefetch_row(values + (j + AHEAD) * D, D);
+        Lanes v[CB];
+#pragma GCC unroll 4
+        for (int c = 0; c < CB; ++c) v[c] = load_lanes(values + j * D + LANES * (c0 + c));
+#pragma GCC unroll 4
+        for (int hh = 0; hh < HB; ++hh) {
+          if (hh >= hb) break;
+          const Lanes pv = splat(p[(h0 + hh) * n + j]);
+#pragma GCC unroll 4
+          for (int c = 0; c < CB; ++c) acc[hh][c] = fmadd(pv, v[c], acc[hh][c]);
+        }
+      }
 #pragma GCC unroll 4
       for (int hh = 0; hh < HB; ++hh) {
         if (hh >= hb) break;
-        const __m512 pv = _mm512_set1_ps(p[(h0 + hh) * n + j]);
-#pragma GCC unroll 8
-        for (int c = 0; c < C; ++c) acc[hh][c] = _mm512_fmadd_ps(pv, v[c], acc[hh][c]);
-      }
-    }
 #pragma GCC unroll 4
-    for (int hh = 0; hh < HB; ++hh) {
-      if (hh >= hb) break;
-#pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) _mm512_storeu_ps(o + (h0 + hh) * D + LANES * c, acc[hh][c]);
+        for (int c = 0; c < CB; ++c) store_lanes(o + (h0 + hh) * D + LANES * (c0 + c), acc[hh][c]);
+      }
     }
   }
 }
@@ -117,7 +137,7 @@ template <typename T>
 void head_scores(const float* q, int64_t heads, const T* keys, const T* values, int64_t n,
                  int64_t D, float scale, float* s) {
   int64_t j = 0;  // the keys done in blocks; the rest one by one
-#ifdef LH_AVX512
+#ifdef LH_LANES
   if (D == 64) j = head_scores_blocked<64>(q, heads, keys, values, n, scale, s);
   if (D == 128) j = head_scores_blocked<128>(q, heads, keys, values, n, scale, s);
 #endif
@@ -130,7 +150,7 @@ void head_scores(const float* q, int64_t heads, const T* keys, const T* values, 
 // o[h] = sum over j of p[h*n + j] * value j
 template <typename T>
 void head_values(const float* p, int64_t heads, const T* values, int64_t n, int64_t D, float* o) {
-#ifdef LH_AVX512
+#ifdef LH_LANES
   if (D == 64) return head_values_blocked<64>(p, heads, values, n, o);
   if (D == 128) return head_values_blocked<128>(p, heads, values, n, o);
 #endif

@@ -19,20 +19,17 @@ constexpr int64_t CHUNK = 64;
 inline void row_weights(const float* x, int64_t n, float max, float inv_t, float* w, double* sums) {
   int64_t i = 0;
   int64_t c = 0;
-#ifdef LH_AVX512
-  const __m512 m = _mm512_set1_ps(max), s = _mm512_set1_ps(inv_t);
-  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+#ifdef LH_LANES
+  const Lanes m = splat(max), s = splat(inv_t);
   for (; i + CHUNK <= n; i += CHUNK, ++c) {
-    __m512 total = _mm512_setzero_ps();
+    Lanes total = splat(0.f);
     for (int64_t j = i; j < i + CHUNK; j += LANES) {
-      const __m512 v = _mm512_loadu_ps(x + j);
-      const __mmask16 allowed = _mm512_cmp_ps_mask(v, minus_inf, _CMP_NEQ_OQ);
-      const __m512 e =
-          _mm512_maskz_mov_ps(allowed, exp_lanes(_mm512_mul_ps(_mm512_sub_ps(v, m), s)));
-      _mm512_storeu_ps(w + j, e);
-      total = _mm512_add_ps(total, e);
+      const Lanes v = load_lanes(x + j);
+      const Lanes e = zero_where_minus_inf(v, exp_lanes(mul(sub(v, m), s)));
+      store_lanes(w + j, e);
+      total = add(total, e);
     }
-    sums[c] = _mm512_reduce_add_ps(total);
+    sums[c] = reduce_add(total);
   }
 #endif
   for (; i < n; i += CHUNK, ++c) {

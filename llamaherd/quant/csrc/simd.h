@@ -12,17 +12,77 @@ namespace {
 // compiler, a dot product's sum became a chain of scalar adds through the stack: half of the
 // attention time.)
 
+// One float vector type per instruction set, `Lanes`, with the few operations the kernels use,
+// so that each algorithm below is written once for both vector widths.
 #ifdef LH_AVX512
+#define LH_LANES 1
 constexpr int64_t LANES = 16;
-inline __m512 load_lanes(const float* x) { return _mm512_loadu_ps(x); }
-inline __m512 load_lanes(const c10::Half* x) {
+using Lanes = __m512;
+inline Lanes load_lanes(const float* x) { return _mm512_loadu_ps(x); }
+inline Lanes load_lanes(const c10::Half* x) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
 }
+inline void store_lanes(float* x, Lanes v) { _mm512_storeu_ps(x, v); }
+inline Lanes splat(float v) { return _mm512_set1_ps(v); }
+inline Lanes add(Lanes a, Lanes b) { return _mm512_add_ps(a, b); }
+inline Lanes sub(Lanes a, Lanes b) { return _mm512_sub_ps(a, b); }
+inline Lanes mul(Lanes a, Lanes b) { return _mm512_mul_ps(a, b); }
+inline Lanes div(Lanes a, Lanes b) { return _mm512_div_ps(a, b); }
+inline Lanes fmadd(Lanes a, Lanes b, Lanes c) { return _mm512_fmadd_ps(a, b, c); }   // a*b + c
+inline Lanes fnmadd(Lanes a, Lanes b, Lanes c) { return _mm512_fnmadd_ps(a, b, c); } // c - a*b
+inline Lanes clamp(Lanes x, float lo, float hi) {
+  return _mm512_min_ps(_mm512_max_ps(x, splat(lo)), splat(hi));
+}
+inline Lanes round_lanes(Lanes x) {
+  return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline Lanes scale_pow2(Lanes p, Lanes n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
+inline float reduce_add(Lanes v) { return _mm512_reduce_add_ps(v); }
+// e where x is a logit a constraint allows, 0 where it is -inf
+inline Lanes zero_where_minus_inf(Lanes x, Lanes e) {
+  return _mm512_maskz_mov_ps(
+      _mm512_cmp_ps_mask(x, splat(-std::numeric_limits<float>::infinity()), _CMP_NEQ_OQ), e);
+}
 #elif defined(LH_AVX2)
+#define LH_LANES 1
 constexpr int64_t LANES = 8;
-inline __m256 load_lanes(const float* x) { return _mm256_loadu_ps(x); }
-inline __m256 load_lanes(const c10::Half* x) {
+using Lanes = __m256;
+inline Lanes load_lanes(const float* x) { return _mm256_loadu_ps(x); }
+inline Lanes load_lanes(const c10::Half* x) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+inline void store_lanes(float* x, Lanes v) { _mm256_storeu_ps(x, v); }
+inline Lanes splat(float v) { return _mm256_set1_ps(v); }
+inline Lanes add(Lanes a, Lanes b) { return _mm256_add_ps(a, b); }
+inline Lanes sub(Lanes a, Lanes b) { return _mm256_sub_ps(a, b); }
+inline Lanes mul(Lanes a, Lanes b) { return _mm256_mul_ps(a, b); }
+inline Lanes div(Lanes a, Lanes b) { return _mm256_div_ps(a, b); }
+inline Lanes fmadd(Lanes a, Lanes b, Lanes c) { return _mm256_fmadd_ps(a, b, c); }
+inline Lanes fnmadd(Lanes a, Lanes b, Lanes c) { return _mm256_fnmadd_ps(a, b, c); }
+inline Lanes clamp(Lanes x, float lo, float hi) {
+  return _mm256_min_ps(_mm256_max_ps(x, splat(lo)), splat(hi));
+}
+inline Lanes round_lanes(Lanes x) {
+  return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+// p * 2^n for whole n in [-150, 128], as AVX-512's scalef: 2^n is built in the exponent field,
+// in two halves, since one float holds 2^k only for k in [-126, 127]. Both products are exact
+// but for a subnormal result, rounded once, so the result is scalef's.
+inline Lanes scale_pow2(Lanes p, Lanes n) {
+  const __m256i k = _mm256_cvtps_epi32(n), k1 = _mm256_srai_epi32(k, 1), k2 = _mm256_sub_epi32(k, k1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const auto pow2 = [&](__m256i e) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, bias), 23));
+  };
+  return mul(mul(p, pow2(k1)), pow2(k2));
+}
+inline float reduce_add(Lanes v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+}
+inline Lanes zero_where_minus_inf(Lanes x, Lanes e) {
+  return _mm256_and_ps(_mm256_cmp_ps(x, splat(-std::numeric_limits<float>::infinity()), _CMP_NEQ_OQ), e);
 }
 #endif
 
@@ -30,16 +90,10 @@ template <typename T>
 float dot(const float* a, const T* b, int64_t n) {
   int64_t i = 0;
   float total = 0.f;
-#ifdef LH_AVX512
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + LANES <= n; i += LANES) acc = _mm512_fmadd_ps(load_lanes(a + i), load_lanes(b + i), acc);
-  total = _mm512_reduce_add_ps(acc);
-#elif defined(LH_AVX2)
-  __m256 acc = _mm256_setzero_ps();
-  for (; i + LANES <= n; i += LANES) acc = _mm256_fmadd_ps(load_lanes(a + i), load_lanes(b + i), acc);
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  total = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+#ifdef LH_LANES
+  Lanes acc = splat(0.f);
+  for (; i + LANES <= n; i += LANES) acc = fmadd(load_lanes(a + i), load_lanes(b + i), acc);
+  total = reduce_add(acc);
 #endif
   for (; i < n; ++i) total += a[i] * static_cast<float>(b[i]);
   return total;
@@ -73,46 +127,39 @@ inline float row_max(const float* x, int64_t n) {
 template <typename T>
 void axpy(float p, const T* x, float* y, int64_t n) {
   int64_t i = 0;
-#ifdef LH_AVX512
-  const __m512 pv = _mm512_set1_ps(p);
-  for (; i + LANES <= n; i += LANES)
-    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(pv, load_lanes(x + i), _mm512_loadu_ps(y + i)));
-#elif defined(LH_AVX2)
-  const __m256 pv = _mm256_set1_ps(p);
-  for (; i + LANES <= n; i += LANES)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, load_lanes(x + i), _mm256_loadu_ps(y + i)));
+#ifdef LH_LANES
+  const Lanes pv = splat(p);
+  for (; i + LANES <= n; i += LANES) store_lanes(y + i, fmadd(pv, load_lanes(x + i), load_lanes(y + i)));
 #endif
   for (; i < n; ++i) y[i] += p * static_cast<float>(x[i]);
 }
 
-#ifdef LH_AVX512
-// e^x for 16 floats: 2^n * p(r) with x = n*ln2 + r, |r| <= ln2/2 and p Cephes' expf polynomial
-// (within 2 ulp of expf), 16 lanes at a time where GCC calls libmvec's 8-lane expf.
-inline __m512 exp_lanes(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+#ifdef LH_LANES
+// e^x a vector at a time: 2^n * p(r) with x = n*ln2 + r, |r| <= ln2/2 and p Cephes' expf
+// polynomial (within 2 ulp of expf); the same bits in both vector widths.
+inline Lanes exp_lanes(Lanes x) {
+  x = clamp(x, -104.f, 88.7f);
+  const Lanes n = round_lanes(mul(x, splat(1.44269504f)));
+  Lanes r = fnmadd(n, splat(0.693359375f), x);  // ln2 in two parts
+  r = fnmadd(n, splat(-2.12194440e-4f), r);
+  Lanes p = splat(1.9875691500e-4f);
   for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
                         5.0000001201e-1f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
+    p = fmadd(p, r, splat(c));
+  p = fmadd(p, mul(r, r), add(r, splat(1.f)));
+  return scale_pow2(p, n);
 }
 #endif
 
 // out = silu(gate) * up, n floats
 inline void swiglu_row(const float* gate, const float* up, float* out, int64_t n) {
   int64_t i = 0;
-#ifdef LH_AVX512
-  const __m512 one = _mm512_set1_ps(1.f);
+#ifdef LH_LANES
+  const Lanes one = splat(1.f);
   for (; i + LANES <= n; i += LANES) {
-    const __m512 g = _mm512_loadu_ps(gate + i);
-    const __m512 e = exp_lanes(_mm512_sub_ps(_mm512_setzero_ps(), g));
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)),
-                                            _mm512_loadu_ps(up + i)));
+    const Lanes g = load_lanes(gate + i);
+    const Lanes e = exp_lanes(sub(splat(0.f), g));
+    store_lanes(out + i, mul(div(g, add(one, e)), load_lanes(up + i)));
   }
 #endif
 #pragma omp simd
