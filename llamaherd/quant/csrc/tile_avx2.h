@@ -108,9 +108,104 @@ void half_tile(const Activations& a, int64_t r0, const uint8_t* panel, int half,
   for (int g = 0; g < G; ++g) _mm256_maskstore_ps(out + (r0 + g) * ldo, mask, acc[g]);
 }
 
+#ifndef LH_AVX_VNNI
+// Without AVX-VNNI, several activation rows: G rows a pass over both halves of the panel, so each
+// activation broadcast serves 16 weight rows rather than 8 (the broadcasts were as many as the
+// multiplies, and their loads the busiest port). The integer dots and float ops are half_tile's;
+// the float accumulators stay in L1.
+template <int64_t QT, int G>
+void full_tile(const Activations& a, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
+               int64_t cols) {
+  constexpr Format f = format_for<QT>();
+  constexpr int NQ = f.quant_bytes / 4;
+  const int64_t nb = a.nb;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int32_t* aq[G];
+  const float* da[G];
+  const float* terms[G];
+  alignas(32) float acc[G][PANEL];
+  for (int g = 0; g < G; ++g) {
+    aq[g] = reinterpret_cast<const int32_t*>(a.q(r0 + g));
+    da[g] = a.d(r0 + g);
+    terms[g] = a.t(r0 + g);
+    for (int l = 0; l < PANEL; ++l) acc[g][l] = 0.f;
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* block = panel + b * PANEL * f.block_bytes;
+    prefetch_panel(block, PANEL * f.block_bytes);
+    const uint8_t* quants = block + f.scale_bytes();
+    __m256i lo16[G][2], hi16[G][2];  // per row and half, as in half_tile
+    for (int g = 0; g < G; ++g)
+      for (int h = 0; h < 2; ++h) lo16[g][h] = hi16[g][h] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int j = 0; j < NQ; ++j) {
+      __m256i lo[2], hi[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + 64 * j + 32 * h));
+        lo[h] = _mm256_and_si256(v, low4);
+        hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      }
+      for (int g = 0; g < G; ++g) {
+        const int32_t* x = aq[g] + b * (QK / 4);
+        const __m256i xj = _mm256_set1_epi32(x[j]);
+        if constexpr (QT == Q8_0) {
+          for (int h = 0; h < 2; ++h) {
+            lo16[g][h] = _mm256_add_epi16(lo16[g][h], _mm256_maddubs_epi16(lo[h], xj));
+            hi16[g][h] = _mm256_add_epi16(hi16[g][h], _mm256_maddubs_epi16(hi[h], xj));
+            chain(lo16[g][h]);
+            chain(hi16[g][h]);
+          }
+        } else {  // high nibbles are elements 16 on
+          const __m256i xh = _mm256_set1_epi32(x[j + 4]);
+          for (int h = 0; h < 2; ++h) {
+            lo16[g][h] = _mm256_add_epi16(lo16[g][h], _mm256_maddubs_epi16(lo[h], xj));
+            lo16[g][h] = _mm256_add_epi16(lo16[g][h], _mm256_maddubs_epi16(hi[h], xh));
+            chain(lo16[g][h]);
+          }
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 dw = _mm256_cvtph_ps(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 * HALF * h)));
+      __m256 mw;
+      if constexpr (f.has_min)
+        mw = _mm256_cvtph_ps(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 * PANEL + 2 * HALF * h)));
+      for (int g = 0; g < G; ++g) {
+        __m256i dot = _mm256_madd_epi16(lo16[g][h], ones);
+        if constexpr (QT == Q8_0)
+          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(hi16[g][h], _mm256_set1_epi16(16)));
+        const __m256 sum = _mm256_cvtepi32_ps(dot);
+        __m256 s = _mm256_load_ps(acc[g] + HALF * h);
+        if constexpr (f.has_min) {
+          s = _mm256_fmadd_ps(mw, _mm256_set1_ps(terms[g][b]), s);
+          s = _mm256_fmadd_ps(_mm256_mul_ps(sum, _mm256_set1_ps(da[g][b])), dw, s);
+        } else {
+          const __m256 t = _mm256_fmadd_ps(sum, _mm256_set1_ps(da[g][b]), _mm256_set1_ps(terms[g][b]));
+          s = _mm256_fmadd_ps(t, dw, s);
+        }
+        _mm256_store_ps(acc[g] + HALF * h, s);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    std::copy(acc[g], acc[g] + cols, out + (r0 + g) * ldo);
+}
+#endif
+
 template <int64_t QT, int R>
 void tile(const Activations& a, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
           int64_t cols) {
+#ifndef LH_AVX_VNNI
+  constexpr int FG = QT == Q8_0 ? 2 : 4;  // rows a full-width pass: its sums fill the registers
+  if constexpr (R >= 2) {
+    constexpr int G = R < FG ? R : FG;
+    full_tile<QT, G>(a, r0, panel, out, ldo, cols);
+    if constexpr (R > G) tile<QT, R - G>(a, r0 + G, panel, out, ldo, cols);
+    return;
+  }
+#endif
   constexpr int G = R < GROUP ? R : GROUP;
   half_tile<QT, G>(a, r0, panel, 0, out, ldo, std::min<int64_t>(cols, HALF));
   if (cols > HALF) half_tile<QT, G>(a, r0, panel, 1, out + HALF, ldo, cols - HALF);
