@@ -66,9 +66,9 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], path: Path,
     shape is checked against the config before anything is assigned.
     """
     shapes = {name: tuple(t.shape) for name, t in state.items()} | (packed_shapes or {})
-    check_shapes(args, shapes, path)
     with torch.device("meta"):
         model = Transformer(args)
+    check_shapes(args, shapes, path, model)
     for name, module in (modules or {}).items():
         set_module(model, name, module)
     model.load_state_dict(state, strict=False, assign=True)
@@ -78,11 +78,15 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], path: Path,
     return model.eval()
 
 
-def check_shapes(args: ModelArgs, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+def check_shapes(args: ModelArgs, shapes: dict[str, tuple[int, ...]], path: Path,
+                 model: Transformer | None = None) -> None:
     """Raise CheckpointError unless `shapes` (internal names) are exactly the parameters that
-    `args` describes (the output projection absent when tied)."""
-    with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in Transformer(args).state_dict().items()}
+    `args` describes (the output projection absent when tied). `model`: a Transformer(args)
+    already built (on the meta device), so none is built here."""
+    if model is None:
+        with torch.device("meta"):
+            model = Transformer(args)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if args.tie_embeddings:
         expected.pop("output.weight")
     for name, shape in shapes.items():

@@ -10,14 +10,17 @@ struct Activations {
   std::vector<int8_t> quants;  // [rows, nb*32]
   std::vector<float> scales;   // [rows, nb] da
   std::vector<float> terms;    // [rows, nb] coef * da * sum(qa): the min term's activation factor
+  std::vector<int32_t> sums;   // [rows, nb] sum(qa)
 
   const int8_t* q(int64_t r) const { return quants.data() + r * nb * QK; }
   const float* d(int64_t r) const { return scales.data() + r * nb; }
   const float* t(int64_t r) const { return terms.data() + r * nb; }
+  const int32_t* s(int64_t r) const { return sums.data() + r * nb; }
 };
 
 // coef is the weight type's min_coef (Q4_0, Q8_0: m = coef*d) or 1 for a stored min (Q4_1).
-void quantize_row(const float* x, int64_t nb, float coef, int8_t* q, float* scales, float* terms) {
+void quantize_row(const float* x, int64_t nb, float coef, int8_t* q, float* scales, float* terms,
+                  int32_t* sums) {
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * QK;
     int8_t* qb = q + b * QK;
@@ -71,6 +74,7 @@ void quantize_row(const float* x, int64_t nb, float coef, int8_t* q, float* scal
 #endif
     scales[b] = amax / 127.f;
     terms[b] = coef * scales[b] * static_cast<float>(total);
+    sums[b] = total;
   }
 }
 
@@ -80,10 +84,11 @@ void quantize_activations(const float* x, int64_t rows, int64_t nb, float coef, 
   a.quants.resize(rows * nb * QK);
   a.scales.resize(rows * nb);
   a.terms.resize(rows * nb);
+  a.sums.resize(rows * nb);
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       quantize_row(x + r * nb * QK, nb, coef, a.quants.data() + r * nb * QK,
-                   a.scales.data() + r * nb, a.terms.data() + r * nb);
+                   a.scales.data() + r * nb, a.terms.data() + r * nb, a.sums.data() + r * nb);
   });
 }
 

@@ -111,8 +111,12 @@ void half_tile(const Activations& a, int64_t r0, const uint8_t* panel, int half,
 #ifndef LH_AVX_VNNI
 // Without AVX-VNNI, several activation rows: G rows a pass over both halves of the panel, so each
 // activation broadcast serves 16 weight rows rather than 8 (the broadcasts were as many as the
-// multiplies, and their loads the busiest port). The integer dots and float ops are half_tile's;
-// the float accumulators stay in L1.
+// multiplies, and their loads the busiest port). The float accumulators stay in L1.
+//
+// Q4 rows get half_tile's integer dots. Q8 takes fewer operations than its two nibble planes:
+// with the signed quant q = u - 128, vpmaddubsw of |q| and the activations carrying q's sign adds
+// two products q*qa of at most 128*127 in size each, which int16 holds; vpmaddwd widens each
+// step's sums. The dot of u is then that of q plus 128*sum(qa), the same integer as half_tile's.
 template <int64_t QT, int G>
 void full_tile(const Activations& a, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
                int64_t cols) {
@@ -120,6 +124,7 @@ void full_tile(const Activations& a, int64_t r0, const uint8_t* panel, float* ou
   constexpr int NQ = f.quant_bytes / 4;
   const int64_t nb = a.nb;
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
   const int32_t* aq[G];
   const float* da[G];
   const float* terms[G];
@@ -134,33 +139,35 @@ void full_tile(const Activations& a, int64_t r0, const uint8_t* panel, float* ou
     const uint8_t* block = panel + b * PANEL * f.block_bytes;
     prefetch_panel(block, PANEL * f.block_bytes);
     const uint8_t* quants = block + f.scale_bytes();
-    __m256i lo16[G][2], hi16[G][2];  // per row and half, as in half_tile
-    for (int g = 0; g < G; ++g)
-      for (int h = 0; h < 2; ++h) lo16[g][h] = hi16[g][h] = _mm256_setzero_si256();
+    __m256i dot[G][2];  // per row and half: int16 pair sums (Q4), int32 sums (Q8)
+    for (int g = 0; g < G; ++g) dot[g][0] = dot[g][1] = _mm256_setzero_si256();
 #pragma GCC unroll 8
     for (int j = 0; j < NQ; ++j) {
-      __m256i lo[2], hi[2];
+      __m256i lo[2], hi[2];  // Q4: the nibble planes; Q8: |q| and q
       for (int h = 0; h < 2; ++h) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + 64 * j + 32 * h));
-        lo[h] = _mm256_and_si256(v, low4);
-        hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        if constexpr (QT == Q8_0) {
+          hi[h] = _mm256_xor_si256(v, offset);
+          lo[h] = _mm256_abs_epi8(hi[h]);
+        } else {
+          lo[h] = _mm256_and_si256(v, low4);
+          hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        }
       }
       for (int g = 0; g < G; ++g) {
         const int32_t* x = aq[g] + b * (QK / 4);
         const __m256i xj = _mm256_set1_epi32(x[j]);
         if constexpr (QT == Q8_0) {
           for (int h = 0; h < 2; ++h) {
-            lo16[g][h] = _mm256_add_epi16(lo16[g][h], _mm256_maddubs_epi16(lo[h], xj));
-            hi16[g][h] = _mm256_add_epi16(hi16[g][h], _mm256_maddubs_epi16(hi[h], xj));
-            chain(lo16[g][h]);
-            chain(hi16[g][h]);
+            const __m256i pairs = _mm256_maddubs_epi16(lo[h], _mm256_sign_epi8(xj, hi[h]));
+            dot[g][h] = _mm256_add_epi32(dot[g][h], _mm256_madd_epi16(pairs, ones));
           }
         } else {  // high nibbles are elements 16 on
           const __m256i xh = _mm256_set1_epi32(x[j + 4]);
           for (int h = 0; h < 2; ++h) {
-            lo16[g][h] = _mm256_add_epi16(lo16[g][h], _mm256_maddubs_epi16(lo[h], xj));
-            lo16[g][h] = _mm256_add_epi16(lo16[g][h], _mm256_maddubs_epi16(hi[h], xh));
-            chain(lo16[g][h]);
+            dot[g][h] = _mm256_add_epi16(dot[g][h], _mm256_maddubs_epi16(lo[h], xj));
+            dot[g][h] = _mm256_add_epi16(dot[g][h], _mm256_maddubs_epi16(hi[h], xh));
+            chain(dot[g][h]);
           }
         }
       }
@@ -173,10 +180,10 @@ void full_tile(const Activations& a, int64_t r0, const uint8_t* panel, float* ou
         mw = _mm256_cvtph_ps(
             _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 * PANEL + 2 * HALF * h)));
       for (int g = 0; g < G; ++g) {
-        __m256i dot = _mm256_madd_epi16(lo16[g][h], ones);
-        if constexpr (QT == Q8_0)
-          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(hi16[g][h], _mm256_set1_epi16(16)));
-        const __m256 sum = _mm256_cvtepi32_ps(dot);
+        const __m256i d = QT == Q8_0
+            ? _mm256_add_epi32(dot[g][h], _mm256_set1_epi32(128 * a.s(r0 + g)[b]))
+            : _mm256_madd_epi16(dot[g][h], ones);
+        const __m256 sum = _mm256_cvtepi32_ps(d);
         __m256 s = _mm256_load_ps(acc[g] + HALF * h);
         if constexpr (f.has_min) {
           s = _mm256_fmadd_ps(mw, _mm256_set1_ps(terms[g][b]), s);
@@ -198,7 +205,7 @@ template <int64_t QT, int R>
 void tile(const Activations& a, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
           int64_t cols) {
 #ifndef LH_AVX_VNNI
-  constexpr int FG = QT == Q8_0 ? 2 : 4;  // rows a full-width pass: its sums fill the registers
+  constexpr int FG = 4;  // rows a full-width pass: their sums and the weights fill the registers
   if constexpr (R >= 2) {
     constexpr int G = R < FG ? R : FG;
     full_tile<QT, G>(a, r0, panel, out, ldo, cols);
