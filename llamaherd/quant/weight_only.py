@@ -19,6 +19,7 @@ slower on a CPU), so those layers round the input to bfloat16 and return the inp
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -156,17 +157,35 @@ def _pack_int4(q: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
 
 
+@functools.lru_cache(maxsize=8)
+def _int4_layout(out_features: int, in_features: int) -> torch.Tensor:
+    """For each 4-bit slot of the kernel's layout (a byte's low, then high nibble, bytes in
+    order), the flat index row * in_features + input of the weight stored there.
+
+    The layout depends on the instruction set torch dispatches to (with AVX-512 rows go in
+    blocks of 64, a byte holding rows j and j + 32; with AVX2 in blocks of 32) and may change
+    between torch versions, so it is read off the packing itself: the weights' indices are
+    packed one hexadecimal digit at a time."""
+    n = out_features * in_features
+    index = torch.arange(n, dtype=torch.int32).view(out_features, in_features)
+    source = torch.zeros(n, dtype=torch.int32)
+    for shift in range(0, max(n - 1, 1).bit_length(), 4):
+        digit = _pack_int4((index >> shift) & 15)
+        source |= _nibbles(digit).to(torch.int32) << shift
+    return source
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 bytes -> their low and high nibbles, flat, in that order."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten()
+
+
 def _unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Inverse of _pack_int4, from the kernel's layout (torch 2.13; tests check it against the
-    kernel): rows go in blocks of 64, where the byte for (row j < 32, input k) holds row j in its
-    low and row 32 + j in its high nibble; leftover rows pair up as (2j low, 2j + 1 high)."""
+    """Inverse of _pack_int4: the int32 (out, in) values 0..15."""
     out_features = packed.shape[0]
-    full = out_features // 64 * 64
-    head = packed[:full].reshape(-1, in_features, 32)  # (blocks, in, 32)
-    head = torch.cat([head & 15, head >> 4], dim=-1).transpose(1, 2).reshape(full, in_features)
-    tail = packed[full:].reshape(in_features, -1)  # (in, leftover / 2)
-    tail = torch.stack([tail & 15, tail >> 4], dim=-1).reshape(in_features, -1).T
-    return torch.cat([head, tail]).to(torch.int32)
+    q = torch.empty(out_features * in_features, dtype=torch.int32)
+    q[_int4_layout(out_features, in_features).long()] = _nibbles(packed).to(torch.int32)
+    return q.view(out_features, in_features)
 
 
 def e4m3_as_float16(weight: torch.Tensor) -> torch.Tensor:
