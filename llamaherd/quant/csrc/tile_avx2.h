@@ -24,6 +24,27 @@ constexpr int GROUP = 4;         // activation rows per pass over a half panel
 // compiler would otherwise regroup into trees of partial sums that overflow the registers.
 inline void chain(__m256i& v) { asm("" : "+x"(v)); }
 
+// A block's weight scales for one half of the panel: d, and the stored min m (Q4_1 only).
+template <int64_t QT>
+inline void half_scales(const uint8_t* block, int half, __m256& dw, __m256& mw) {
+  dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 * HALF * half)));
+  if constexpr (format_for<QT>().has_min)
+    mw = _mm256_cvtph_ps(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 * PANEL + 2 * HALF * half)));
+}
+
+// The float epilogue of one block for one activation row: the AVX-512 tile's `accumulate`.
+template <int64_t QT>
+inline __m256 accumulate(__m256 acc, __m256i dot, __m256 dw, __m256 mw, float da, float term) {
+  const __m256 sum = _mm256_cvtepi32_ps(dot);
+  if constexpr (format_for<QT>().has_min) {
+    acc = _mm256_fmadd_ps(mw, _mm256_set1_ps(term), acc);
+    return _mm256_fmadd_ps(_mm256_mul_ps(sum, _mm256_set1_ps(da)), dw, acc);
+  }
+  const __m256 t = _mm256_fmadd_ps(sum, _mm256_set1_ps(da), _mm256_set1_ps(term));
+  return _mm256_fmadd_ps(t, dw, acc);
+}
+
 template <int64_t QT, int G>
 void half_tile(const Activations& a, int64_t r0, const uint8_t* panel, int half, float* out,
                int64_t ldo, int64_t cols) {
@@ -86,22 +107,9 @@ void half_tile(const Activations& a, int64_t r0, const uint8_t* panel, int half,
         dot[g] = _mm256_add_epi32(dot[g], _mm256_madd_epi16(hi16[g], _mm256_set1_epi16(16)));
     }
 #endif
-    const __m256 dw = _mm256_cvtph_ps(
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 * HALF * half)));
-    __m256 mw;
-    if constexpr (f.has_min)
-      mw = _mm256_cvtph_ps(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 * PANEL + 2 * HALF * half)));
-    for (int g = 0; g < G; ++g) {  // as in the AVX-512 tile
-      const __m256 sum = _mm256_cvtepi32_ps(dot[g]);
-      if constexpr (f.has_min) {
-        acc[g] = _mm256_fmadd_ps(mw, _mm256_set1_ps(terms[g][b]), acc[g]);
-        acc[g] = _mm256_fmadd_ps(_mm256_mul_ps(sum, _mm256_set1_ps(da[g][b])), dw, acc[g]);
-      } else {
-        const __m256 t = _mm256_fmadd_ps(sum, _mm256_set1_ps(da[g][b]), _mm256_set1_ps(terms[g][b]));
-        acc[g] = _mm256_fmadd_ps(t, dw, acc[g]);
-      }
-    }
+    __m256 dw, mw = _mm256_setzero_ps();
+    half_scales<QT>(block, half, dw, mw);
+    for (int g = 0; g < G; ++g) acc[g] = accumulate<QT>(acc[g], dot[g], dw, mw, da[g][b], terms[g][b]);
   }
   const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(cols)),
                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -173,26 +181,14 @@ void full_tile(const Activations& a, int64_t r0, const uint8_t* panel, float* ou
       }
     }
     for (int h = 0; h < 2; ++h) {
-      const __m256 dw = _mm256_cvtph_ps(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 * HALF * h)));
-      __m256 mw;
-      if constexpr (f.has_min)
-        mw = _mm256_cvtph_ps(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 * PANEL + 2 * HALF * h)));
+      __m256 dw, mw = _mm256_setzero_ps();
+      half_scales<QT>(block, h, dw, mw);
       for (int g = 0; g < G; ++g) {
         const __m256i d = QT == Q8_0
             ? _mm256_add_epi32(dot[g][h], _mm256_set1_epi32(128 * a.s(r0 + g)[b]))
             : _mm256_madd_epi16(dot[g][h], ones);
-        const __m256 sum = _mm256_cvtepi32_ps(d);
-        __m256 s = _mm256_load_ps(acc[g] + HALF * h);
-        if constexpr (f.has_min) {
-          s = _mm256_fmadd_ps(mw, _mm256_set1_ps(terms[g][b]), s);
-          s = _mm256_fmadd_ps(_mm256_mul_ps(sum, _mm256_set1_ps(da[g][b])), dw, s);
-        } else {
-          const __m256 t = _mm256_fmadd_ps(sum, _mm256_set1_ps(da[g][b]), _mm256_set1_ps(terms[g][b]));
-          s = _mm256_fmadd_ps(t, dw, s);
-        }
-        _mm256_store_ps(acc[g] + HALF * h, s);
+        _mm256_store_ps(acc[g] + HALF * h, accumulate<QT>(_mm256_load_ps(acc[g] + HALF * h), d,
+                                                          dw, mw, da[g][b], terms[g][b]));
       }
     }
   }
