@@ -37,7 +37,9 @@ inline Lanes round_lanes(Lanes x) {
   return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 inline Lanes scale_pow2(Lanes p, Lanes n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
+inline Lanes lane_max(Lanes a, Lanes b) { return _mm512_max_ps(a, b); }
 inline float reduce_add(Lanes v) { return _mm512_reduce_add_ps(v); }
+inline float reduce_max(Lanes v) { return _mm512_reduce_max_ps(v); }
 // e where x is a logit a constraint allows, 0 where it is -inf
 inline Lanes zero_where_minus_inf(Lanes x, Lanes e) {
   return _mm512_maskz_mov_ps(
@@ -76,6 +78,14 @@ inline Lanes scale_pow2(Lanes p, Lanes n) {
   };
   return mul(mul(p, pow2(k1)), pow2(k2));
 }
+inline Lanes lane_max(Lanes a, Lanes b) { return _mm256_max_ps(a, b); }
+inline float reduce_max(Lanes v) {
+  alignas(32) float lanes[LANES];
+  _mm256_store_ps(lanes, v);
+  float max = -std::numeric_limits<float>::infinity();  // std::max from -inf passes over NaN lanes
+  for (const float x : lanes) max = std::max(max, x);
+  return max;
+}
 inline float reduce_add(Lanes v) {
   const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
@@ -104,20 +114,12 @@ float dot(const float* a, const T* b, int64_t n) {
 inline float row_max(const float* x, int64_t n) {
   float max = -std::numeric_limits<float>::infinity();
   int64_t i = 0;
-#ifdef LH_AVX512
-  __m512 m[4];
-  for (auto& v : m) v = _mm512_set1_ps(max);
+#ifdef LH_LANES
+  Lanes m[4];
+  for (auto& v : m) v = splat(max);
   for (; i + 4 * LANES <= n; i += 4 * LANES)
-    for (int j = 0; j < 4; ++j) m[j] = _mm512_max_ps(m[j], _mm512_loadu_ps(x + i + j * LANES));
-  max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m[0], m[1]), _mm512_max_ps(m[2], m[3])));
-#elif defined(LH_AVX2)
-  __m256 m[4];
-  for (auto& v : m) v = _mm256_set1_ps(max);
-  for (; i + 4 * LANES <= n; i += 4 * LANES)
-    for (int j = 0; j < 4; ++j) m[j] = _mm256_max_ps(m[j], _mm256_loadu_ps(x + i + j * LANES));
-  alignas(32) float lanes[LANES];
-  _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3])));
-  for (const float v : lanes) max = std::max(max, v);
+    for (int j = 0; j < 4; ++j) m[j] = lane_max(m[j], load_lanes(x + i + j * LANES));
+  max = reduce_max(lane_max(lane_max(m[0], m[1]), lane_max(m[2], m[3])));
 #endif
   for (; i < n; ++i) max = std::max(max, x[i]);
   return max;

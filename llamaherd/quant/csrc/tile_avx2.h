@@ -136,11 +136,13 @@ void full_tile(const Activations& a, int64_t r0, const uint8_t* panel, float* ou
   const int32_t* aq[G];
   const float* da[G];
   const float* terms[G];
+  const int32_t* sums[G];
   alignas(32) float acc[G][PANEL];
   for (int g = 0; g < G; ++g) {
     aq[g] = reinterpret_cast<const int32_t*>(a.q(r0 + g));
     da[g] = a.d(r0 + g);
     terms[g] = a.t(r0 + g);
+    sums[g] = a.s(r0 + g);
     for (int l = 0; l < PANEL; ++l) acc[g][l] = 0.f;
   }
   for (int64_t b = 0; b < nb; ++b) {
@@ -185,7 +187,7 @@ void full_tile(const Activations& a, int64_t r0, const uint8_t* panel, float* ou
       half_scales<QT>(block, h, dw, mw);
       for (int g = 0; g < G; ++g) {
         const __m256i d = QT == Q8_0
-            ? _mm256_add_epi32(dot[g][h], _mm256_set1_epi32(128 * a.s(r0 + g)[b]))
+            ? _mm256_add_epi32(dot[g][h], _mm256_set1_epi32(128 * sums[g][b]))
             : _mm256_madd_epi16(dot[g][h], ones);
         _mm256_store_ps(acc[g] + HALF * h, accumulate<QT>(_mm256_load_ps(acc[g] + HALF * h), d,
                                                           dw, mw, da[g][b], terms[g][b]));
