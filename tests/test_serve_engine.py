@@ -204,3 +204,38 @@ def test_cancel_frees_rows_and_a_full_queue_refuses(llm) -> None:
             sched.stop()
 
     asyncio.run(run())
+
+
+def test_a_stream_interval_hands_tokens_over_in_bursts_first_token_at_once(llm) -> None:
+    """With a stream interval the event loop is woken once per interval, not once per token;
+    the first token is not held back, and every event still arrives, in order."""
+    prompt = llm.tokenizer.encode("Tell me a story")
+    budget = params(max_new_tokens=40, ignore_eos=True)
+
+    async def run(interval: float) -> tuple[list[int], list[int], float]:
+        engine = Engine(llm.model, llm.tokenizer, rows=1, max_len=128)
+        sched = Scheduler(engine, asyncio.get_running_loop(), stream_interval=interval)
+        sched.start()
+        try:
+            job = sched.submit(Job(prompt, [budget]))
+            tokens: list[int] = []
+            bursts: list[int] = []  # events per hand-over
+            start, finished = asyncio.get_running_loop().time(), False
+            while not finished:
+                if job.events.empty() or not bursts:
+                    bursts.append(0)  # nothing queued: this get waits for a new hand-over
+                item = await job.events.get()
+                assert not isinstance(item, Exception)
+                bursts[-1] += 1
+                tokens.append(item.token_id)
+                finished = item.finish_reason is not None
+            return tokens, bursts, asyncio.get_running_loop().time() - start
+        finally:
+            sched.stop()
+
+    every_step, steps, _ = asyncio.run(run(0.0))
+    held, bursts, seconds = asyncio.run(run(0.25))
+    assert held == every_step and len(held) == 40
+    assert bursts[0] == 1  # the first token is handed over alone, at once
+    assert len(bursts) <= 2 + seconds / 0.25  # then at most one hand-over per interval
+    assert len(bursts) < len(steps)

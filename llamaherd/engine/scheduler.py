@@ -3,7 +3,10 @@
 Requests wait in a bounded queue until the engine has free cache rows for all their choices, join
 the batch between two steps, and leave it as soon as they finish or are cancelled. Every step's
 events are handed to the event loop in one call, so the per-token cost on the serving side is one
-queue put per sequence.
+queue put per sequence. With a stream interval, steps' events are held and handed over together at
+most once per interval: a busy server then wakes its event loop, and writes to each client, once
+per interval instead of once per token (a job's first token, errors, cancellations and the last
+events before the engine idles are handed over at once).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     done: bool = False
+    started: bool = False  # an event of it was handed over (engine thread)
 
     @property
     def rows(self) -> int:
@@ -62,13 +66,16 @@ class Scheduler:
 
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, max_queue: int = 64,
                  report: Callable[[int, int, int, int], None] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, stream_interval: float = 0.0) -> None:
         self.engine = engine
         # torch threads for the engine thread. The caller should keep its own thread at 1: two
         # threads each leading a team of OpenMP workers oversubscribe the cores, and the
         # workers then stop spinning between parallel regions, halving decode speed.
         self.threads = threads
         self.loop = loop
+        self.stream_interval = stream_interval  # seconds (see above)
+        self._held: list[tuple[Job, Event | Exception]] = []
+        self._last_post = 0.0
         self.max_seqs = engine.rows
         self.max_queue = max_queue
         # report(running sequences, waiting jobs, tokens generated, prompt tokens found in the
@@ -206,11 +213,20 @@ class Scheduler:
                 del self._owner[e.seq.id]
             batch.append((job, e))
         self._report(sum(e.token_id is not None for e in events))
-        if batch:
-            self._post(batch)
+        urgent = False
+        for job, _ in batch:
+            urgent |= not job.started
+            job.started = True
+        self._post(batch, urgent=urgent)
 
-    def _post(self, batch: list[tuple[Job, Any]]) -> None:
-        self.loop.call_soon_threadsafe(_put_all, batch)
+    def _post(self, batch: list[tuple[Job, Any]], urgent: bool = True) -> None:
+        """Hand events to the event loop, or hold them until the stream interval has passed."""
+        self._held += batch
+        now = time.perf_counter()
+        if self._held and (urgent or self.engine.idle
+                           or now - self._last_post >= self.stream_interval):
+            batch, self._held, self._last_post = self._held, [], now
+            self.loop.call_soon_threadsafe(_put_all, batch)
 
 
 def _put_all(batch: list[tuple[Job, Event | Exception]]) -> None:

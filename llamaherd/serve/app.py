@@ -110,13 +110,16 @@ class CountRequests:
 
 def create_app(llm: Any, model_id: str, *, max_seqs: int = 8, max_queue: int = 64,
                context: int = 2048, max_body: int = 4 << 20,
-               threads: int | None = None, prefix_cache: bool = True) -> FastAPI:
+               threads: int | None = None, prefix_cache: bool = True,
+               stream_interval: float = 0.0) -> FastAPI:
     """An app serving `llm` (a llamaherd.api.LLM) as `model_id`.
 
     threads: torch threads of the engine thread (None: leave torch's setting).
     max_seqs: sequences generated together (KV-cache rows); max_queue: requests allowed to wait
     for a row (beyond it: 429); context: tokens per sequence, prompt plus answer.
     prefix_cache: reuse a prompt prefix that is still in the KV cache from an earlier request.
+    stream_interval: seconds between hand-overs of generated tokens to the event loop (0: every
+    step); a stream then gets its tokens in bursts, one write each (see Scheduler).
     """
     context = min(context, llm.args.max_seq_len)
 
@@ -126,7 +129,7 @@ def create_app(llm: Any, model_id: str, *, max_seqs: int = 8, max_queue: int = 6
         engine = Engine(llm.model, llm.tokenizer, rows=max_seqs, max_len=context,
                         prefix_cache=prefix_cache)
         scheduler = Scheduler(engine, asyncio.get_running_loop(), max_queue, metrics.report,
-                              threads=threads)
+                              threads=threads, stream_interval=stream_interval)
         guidance = Guidance(llm.tokenizer, llm.args.vocab_size)
         app.state.server = ServerState(llm, model_id, context, scheduler, guidance, metrics,
                                        TokenText(llm.tokenizer), chat_format(llm.tokenizer),

@@ -167,21 +167,24 @@ class ChatRun:
                 c.holding = self.tools_on
                 yield out.chunk(c.index, {"role": "assistant", "content": ""})
             pending = len(self.choices)
+            ready: list[bytes] = []  # the chunks of the events queued so far: one write
             while pending:
                 try:
                     event = await next_event(self.job)
                 except APIError as e:
-                    yield _error_event(e)
+                    yield b"".join(ready) + _error_event(e)
                     return
                 c = self._record(event)
-                for chunk in self._deltas(out, c, event):
-                    yield chunk
+                ready += self._deltas(out, c, event)
                 pending -= event.finish_reason is not None
+                if pending and self.job.events.empty():
+                    yield b"".join(ready)
+                    ready.clear()
             self.job.done = True
             self._finished()
             if out.include_usage:
-                yield out.usage_chunk(*self._usage())
-            yield b"data: [DONE]\n\n"
+                ready.append(out.usage_chunk(*self._usage()))
+            yield b"".join(ready) + b"data: [DONE]\n\n"
         finally:
             self.state.scheduler.cancel(self.job)
 

@@ -26,10 +26,12 @@ from llamaherd.hub import DEFAULT_MODEL
               help="Weight-only quantization of float weights at load time.")
 @click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
               help="Reuse a prompt prefix (e.g. a shared system prompt) still in the KV cache.")
+@click.option("--stream-interval", default=0.05, show_default=True, type=click.FloatRange(0, 1),
+              help="Seconds between writes of a stream's new tokens (0: every token as made).")
 @_friendly
 def serve(model: str, host: str, port: int, max_seqs: int, max_queue: int, ctx_size: int,
           model_id: str | None, threads: int | None, dtype: str | None,
-          quant: str | None, prefix_cache: bool) -> None:
+          quant: str | None, prefix_cache: bool, stream_interval: float) -> None:
     """Serve MODEL behind an OpenAI-compatible API, with a web chat page at /."""
     import torch
     import uvicorn
@@ -47,7 +49,8 @@ def serve(model: str, host: str, port: int, max_seqs: int, max_queue: int, ctx_s
         model_id = model if "/" not in model and not model.endswith(".gguf") else \
             llm.checkpoint.path.stem
     app = create_app(llm, model_id, max_seqs=max_seqs, max_queue=max_queue, context=ctx_size,
-                     threads=threads, prefix_cache=prefix_cache)
+                     threads=threads, prefix_cache=prefix_cache,
+                     stream_interval=stream_interval)
     click.echo(f"serving {model_id} on http://{host}:{port}/  (OpenAI API at /v1)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
 

@@ -126,12 +126,16 @@ class CompletionRun:
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         offsets: dict[int, int] = {}
+        ready: list[bytes] = []  # the chunks of the events queued so far: one write
         try:
             while len(self.finished) < self.total:
+                if ready and self.events.empty():
+                    yield b"".join(ready)
+                    ready.clear()
                 try:
                     i, event = await self._next()
                 except APIError as e:
-                    yield sse(e.body())
+                    yield b"".join(ready) + sse(e.body())
                     return
                 lp = None
                 if event.logprob is not None and not ends_on_stop_token(event):
@@ -146,7 +150,7 @@ class CompletionRun:
                                       with_usage=False)
                 if self.req.include_usage():
                     obj["usage"] = None
-                yield sse(obj)
+                ready.append(sse(obj))
             for job in self.jobs:
                 job.done = True
             self._done()
@@ -154,7 +158,7 @@ class CompletionRun:
                 obj = text_completion(self.req.model, [], 0, 0, self.id, self.created,
                                       with_usage=False)
                 obj["usage"] = usage(*self._usage())
-                yield sse(obj)
-            yield b"data: [DONE]\n\n"
+                ready.append(sse(obj))
+            yield b"".join(ready) + b"data: [DONE]\n\n"
         finally:
             self._cancel()
