@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import mmap
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -167,6 +168,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.wqkv: nn.Module | None = None  # set by fuse()
         self.cache: KVCache | None = None
+        # causal attention of T > 1 queries over the cache, in place of SDPA (the C++ kernels'
+        # for packed models): (q (B, T, H, D), cache k, cache v, rows (B,), pos (B, T)) -> like q
+        self.cached_attention: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         B, T, _ = x.shape
@@ -180,6 +184,14 @@ class Attention(nn.Module):
             q = apply_rope(self.wq(x).view(B, T, self.n_heads, -1), ctx.rot)
             k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, -1), ctx.rot)
             v = self.wv(x)
+        if self.cache is not None and self.cached_attention is not None and T > 1:
+            rows = ctx.rows if isinstance(ctx.rows, torch.Tensor) else torch.arange(
+                ctx.rows.start, ctx.rows.stop)
+            self.cache.update(ctx.rows, ctx.pos, k.transpose(1, 2),
+                              v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2),
+                              ctx.length)
+            out = self.cached_attention(q, self.cache.k, self.cache.v, rows, ctx.pos)
+            return self.wo(out.reshape(B, T, -1))
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         if self.cache is None:  # no cache: plain causal attention over the input

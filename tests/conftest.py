@@ -140,3 +140,24 @@ def rewrite_gguf(src: Path, dst: Path,
     w.write_tensors_to_file()
     w.close()
     return dst
+
+
+def attention_case(head_dim: int, cache_dtype: torch.dtype, T: int = 37) -> tuple[torch.Tensor, ...]:
+    """(q, k, v, rows, pos) for the kernels' attention over a cache: 2 sequences of T queries, 9
+    query heads on 3 kv heads, rows out of order, the second after a 21-token cached prefix."""
+    g = torch.Generator().manual_seed(head_dim)
+    k = torch.randn(4, 3, T + 43, head_dim, generator=g).to(cache_dtype)
+    v = torch.randn(4, 3, T + 43, head_dim, generator=g).to(cache_dtype)
+    q = torch.randn(2, T, 9, head_dim, generator=g)
+    pos = torch.tensor([0, 21])[:, None] + torch.arange(T)
+    return q, k, v, torch.tensor([3, 1]), pos
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+                        pos: torch.Tensor) -> torch.Tensor:
+    """SDPA over each query's cache row, masked to positions <= its own: (B, T, H, D)."""
+    keys, values = k[rows].float(), v[rows].float()  # (B, Hkv, L, D)
+    mask = (torch.arange(k.shape[2]) <= pos[:, :, None])[:, None]  # (B, 1, T, L)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
+    return out.transpose(1, 2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, make_tiny_model, rewrite_gguf
+from conftest import TINY, attention_case, make_tiny_model, reference_attention, rewrite_gguf
 
 import llamaherd
 from llamaherd.checkpoint import load_checkpoint
@@ -181,3 +181,58 @@ def test_kernel_feed_forward_matches_the_composed_one_in_blocks_of_rows(tiny_pac
             got = ffn(x)
         assert got.shape == (2, T, dim)
         assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 48])
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.float32])
+def test_kernel_attention_over_the_cache_matches_sdpa(head_dim, cache_dtype):
+    """Prefill attention on the kernels: each query sees its row's positions up to its own
+    (prompts starting past a cached prefix, rows out of order, 3 query heads a kv head; 64 and
+    128 take blocks of keys, 48 key by key)."""
+    from llamaherd.quant import kernels
+
+    q, k, v, rows, pos = case = attention_case(head_dim, cache_dtype)
+    got = kernels.load().attention(*case)
+    expected = reference_attention(q, k, v, rows, pos)
+    assert got.shape == q.shape
+    assert (got - expected).abs().max() < 1e-5
+
+
+def test_kernel_attention_refuses_out_of_range_rows_and_positions():
+    from llamaherd.quant import kernels
+
+    k = v = torch.zeros(2, 1, 8, 64, dtype=torch.float16)
+    q = torch.zeros(1, 2, 1, 64)
+    attention = kernels.load().attention
+    with pytest.raises(RuntimeError, match="out of range"):
+        attention(q, k, v, torch.tensor([0]), torch.tensor([[7, 8]]))
+    with pytest.raises(RuntimeError, match="out of range"):
+        attention(q, k, v, torch.tensor([2]), torch.tensor([[0, 1]]))
+    with pytest.raises(RuntimeError, match="kv heads"):
+        attention(torch.zeros(1, 2, 3, 64), torch.zeros(2, 2, 8, 64), torch.zeros(2, 2, 8, 64),
+                  torch.tensor([0]), torch.tensor([[0, 1]]))
+
+
+def test_packed_prefill_attention_runs_on_the_kernels_as_sdpa_would(tiny_packed):
+    """The packed model's prefill (T > 1 over the cache) takes the kernels' attention, and gives
+    the logits SDPA gives."""
+    attentions = [layer.attention for layer in tiny_packed.layers]
+    assert all(a.cached_attention is not None for a in attentions)
+    prompt = torch.randint(0, TINY.vocab_size, (2, 19), generator=torch.Generator().manual_seed(1))
+    pos = torch.tensor([[0], [5]]) + torch.arange(19)
+
+    def logits() -> torch.Tensor:
+        tiny_packed.setup_cache(3, 32)
+        with torch.inference_mode():
+            return tiny_packed(prompt, pos, torch.tensor([2, 0]))
+
+    kernel = logits()
+    saved = [a.cached_attention for a in attentions]
+    try:
+        for a in attentions:
+            a.cached_attention = None
+        sdpa = logits()
+    finally:
+        for a, f in zip(attentions, saved):
+            a.cached_attention = f
+    assert (kernel - sdpa).abs().max() < 1e-4 * sdpa.abs().max()

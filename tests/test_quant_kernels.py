@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import draw_cases, make_tiny_model
+from conftest import attention_case, draw_cases, make_tiny_model, reference_attention
 from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
@@ -294,6 +294,7 @@ outputs = [GGUFLinear(c["data"], c["qtype"], *c["shape"], kernels=True)(c["x"])
            for c in cases["matmuls"]]
 d = cases["draw"]
 drawn = kernels.load().draw(d["logits"], d["temperatures"], d["u"]) if d else None
+attended = [kernels.load().attention(*c) for c in cases.get("attention", [])]
 decode = None
 if len(sys.argv) > 3:  # a packed model's decode steps, fused and layer by layer
     model = load_checkpoint(sys.argv[3]).model
@@ -307,8 +308,8 @@ if len(sys.argv) > 3:  # a packed model's decode steps, fused and layer by layer
             decode[fast] = torch.stack([model(torch.tensor([[9 + t], [20 + t]]),
                                               torch.tensor([[4 + t], [4 + 2 * t]]), rows)[:, -1]
                                         for t in range(3)])
-torch.save({"simd": kernels.load().simd(), "outputs": outputs, "decode": decode, "draw": drawn},
-           sys.argv[2])
+torch.save({"simd": kernels.load().simd(), "outputs": outputs, "decode": decode, "draw": drawn,
+            "attention": attended}, sys.argv[2])
 """
 
 
@@ -338,11 +339,12 @@ def test_native_build_uses_amx_exactly_where_the_cpu_has_it():
 
 
 def run_variant(cases: list[dict], tmp_path: Path, model: Path | None = None,
-                draw: dict | None = None, **env: str) -> dict:
-    """VARIANT_SCRIPT's {"simd", "outputs", "decode", "draw"} for the matmul `cases` (the decode
-    steps of the packed GGUF `model`, the tokens drawn for a draw_cases() `draw`), in a
-    subprocess with `env` set."""
-    torch.save({"matmuls": cases, "draw": draw}, tmp_path / "cases.pt")
+                draw: dict | None = None, attention: list | None = None, **env: str) -> dict:
+    """VARIANT_SCRIPT's {"simd", "outputs", "decode", "draw", "attention"} for the matmul `cases`
+    (the decode steps of the packed GGUF `model`, the tokens drawn for a draw_cases() `draw`, the
+    kernels' attention for attention_case() tuples), in a subprocess with `env` set."""
+    torch.save({"matmuls": cases, "draw": draw, "attention": attention or []},
+               tmp_path / "cases.pt")
     args = [str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")] + ([str(model)] if model else [])
     run = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT, *args], env=dict(os.environ, **env),
                          capture_output=True, text=True, timeout=600, check=False,
@@ -377,9 +379,12 @@ def test_instruction_set_variant_matches_native_kernels(isa, tmp_path):
                 cases.append({"data": data, "qtype": int(qtype), "shape": (in_f, out_f), "x": x})
     model = write_gguf(make_tiny_model(), tmp_path / "tiny.gguf", weight_type="Q4_1")
     draw = draw_cases()
-    result = run_variant(cases, tmp_path, model, draw, LLAMAHERD_KERNEL_ISA=isa)
+    attention = [attention_case(d, dt) for d in (64, 128, 48) for dt in (torch.float16, torch.float32)]
+    result = run_variant(cases, tmp_path, model, draw, attention, LLAMAHERD_KERNEL_ISA=isa)
     assert result["simd"] == VARIANT_SIMD.get(isa, isa)  # simd() names the path the build compiled
     assert torch.equal(result["draw"], draw["tokens"])  # the token draw (sampling.h)
+    for case, got in zip(attention, result["attention"], strict=True):  # prefill attention
+        assert (got - reference_attention(*case)).abs().max() < 1e-5, case[0].shape
     # the fused decode step (attention over the float16 cache, written per instruction set)
     # agrees with the same build's layers, and with this machine's native build
     fast, slow = result["decode"][True], result["decode"][False]

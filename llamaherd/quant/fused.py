@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llamaherd.model import FeedForward, RMSNorm
+from llamaherd.model import Attention, FeedForward, RMSNorm
 from llamaherd.quant import kernels
 
 
@@ -51,13 +51,17 @@ class KernelFeedForward(nn.Module):
 
 def use_kernel_modules(model: nn.Module) -> int:
     """Swap every RMSNorm for KernelRMSNorm, and every feed-forward with packed fused gate/up
-    weights for KernelFeedForward, when the C++ kernels are available; returns how many."""
+    weights for KernelFeedForward, when the C++ kernels are available; attention over the KV
+    cache (prefill) then runs on the kernels too. Returns how many modules were swapped."""
     from llamaherd.quant.gguf_linear import GGUFLinear
 
     if not kernels.available():
         return 0
     swapped = 0
     for name, module in list(model.named_modules()):
+        if isinstance(module, Attention):
+            module.cached_attention = kernels.load().attention
+            continue
         if isinstance(module, RMSNorm):
             swap = KernelRMSNorm(module)
         elif (isinstance(module, FeedForward)

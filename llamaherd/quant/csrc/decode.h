@@ -161,6 +161,109 @@ void head_values(const float* p, int64_t heads, const T* values, int64_t n, int6
   }
 }
 
+// `heads` query heads (adjacent in q and out) attend to cached rows 0..n-1 of their kv head:
+// scores, softmax, weighted values. scores is the task's scratch [heads, n]. seen (if given):
+// head h sees only rows 0..seen[h]-1 (the others get weight 0).
+template <typename T>
+void attend_group(const float* q, int64_t heads, const T* keys, const T* values, int64_t n,
+                  int64_t D, float scale, std::vector<float>& scores, float* out,
+                  const int64_t* seen = nullptr) {
+  scores.resize(heads * n);
+  head_scores(q, heads, keys, values, n, D, scale, scores.data());
+  for (int64_t h = 0; h < heads; ++h) {  // softmax of each head's scores
+    float* e = scores.data() + h * n;
+    const int64_t m = seen == nullptr ? n : seen[h];
+    const float top = row_max(e, m);
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < m; ++j) {
+      e[j] = expf(e[j] - top);
+      total += e[j];
+    }
+    const float inv = 1.f / total;
+    for (int64_t j = 0; j < m; ++j) e[j] *= inv;
+    std::fill(e + m, e + n, 0.f);
+  }
+  head_values(scores.data(), heads, values, n, D, out);
+}
+
+// Offset of position p of kv head `head` in cache row `row` of a [rows, heads, max_len, D] cache.
+inline int64_t cache_offset(const torch::Tensor& c, int64_t row, int64_t head, int64_t p) {
+  return ((row * c.size(1) + head) * c.size(2) + p) * c.size(3);
+}
+
+void check_cache(const torch::Tensor& k, const torch::Tensor& v, int64_t n_kv, int64_t head_dim) {
+  for (const auto& c : {k, v})
+    TORCH_CHECK((c.dtype() == torch::kFloat || c.dtype() == torch::kHalf) &&
+                    c.dtype() == k.dtype() && c.is_contiguous() && c.dim() == 4 &&
+                    c.size(1) == n_kv && c.size(3) == head_dim && c.sizes() == k.sizes(),
+                "caches must be contiguous float32 or float16 [rows, ", n_kv, ", max_len, ",
+                head_dim, "]");
+}
+
+// Causal attention of T queries a sequence over the KV cache, their own keys and values already
+// written (a prefill, or a speculative check): query t of sequence b, at position pos[b, t] of
+// cache row rows[b], sees that row's positions 0..pos[b, t]. A task is QUERY_TILE consecutive
+// queries' heads of one kv head, which share each block of keys converted to float (each head
+// masked to its own query's positions); the tiles are dealt out from both ends of the prompt in
+// turn, so each thread's share of a causal prompt holds as many keys as the other's.
+constexpr int64_t QUERY_TILE = 8;
+
+// q float32 [B, T, H, D]; k, v [rows, Hkv, max_len, D] float32 or float16; rows int64 [B];
+// pos int64 [B, T]  ->  float32 [B, T, H, D]
+torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor rows,
+                        torch::Tensor pos) {
+  TORCH_CHECK(q.dtype() == torch::kFloat && q.dim() == 4, "queries must be float32 [B, T, H, D]");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(1);
+  check_cache(k, v, Hkv, D);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, H, " query heads do not share ", Hkv, " kv heads evenly");
+  q = q.contiguous();
+  rows = rows.to(torch::kLong).contiguous();
+  pos = pos.to(torch::kLong).contiguous();
+  TORCH_CHECK(rows.numel() == B && pos.numel() == B * T, "one cache row a sequence, one position a query");
+  const int64_t* row = rows.data_ptr<int64_t>();
+  const int64_t* at = pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(row[b] >= 0 && row[b] < k.size(0), "cache row ", row[b], " out of range");
+    for (int64_t t = 0; t < T; ++t)
+      TORCH_CHECK(at[b * T + t] >= 0 && at[b * T + t] < k.size(2), "position ", at[b * T + t],
+                  " out of range");
+  }
+  auto out = torch::empty_like(q);
+  const int64_t G = H / Hkv;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t tiles = (T + QUERY_TILE - 1) / QUERY_TILE;
+  auto run = [&](auto* k_base, auto* v_base) {
+    at::parallel_for(0, B * tiles * Hkv, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> scores, qs(QUERY_TILE * G * D), os(QUERY_TILE * G * D);
+      int64_t seen[QUERY_TILE * 64];  // keys seen by each head of the tile (G <= 64)
+      TORCH_CHECK(G <= 64, "more than 64 query heads share a kv head");
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t g = i % Hkv, j = i / Hkv % tiles, b = i / (Hkv * tiles);
+        const int64_t tile = j % 2 == 0 ? j / 2 : tiles - 1 - j / 2;  // 0, last, 1, last-1, ...
+        const int64_t t0 = tile * QUERY_TILE, c = std::min(QUERY_TILE, T - t0);
+        int64_t n = 0;
+        for (int64_t u = 0; u < c; ++u) {  // the tile's query heads side by side
+          std::copy_n(qp + ((b * T + t0 + u) * H + g * G) * D, G * D, qs.data() + u * G * D);
+          std::fill_n(seen + u * G, G, at[b * T + t0 + u] + 1);
+          n = std::max(n, at[b * T + t0 + u] + 1);
+        }
+        attend_group(qs.data(), c * G, k_base + cache_offset(k, row[b], g, 0),
+                     v_base + cache_offset(v, row[b], g, 0), n, D, scale, scores, os.data(), seen);
+        for (int64_t u = 0; u < c; ++u)
+          std::copy_n(os.data() + u * G * D, G * D, op + ((b * T + t0 + u) * H + g * G) * D);
+      }
+    });
+  };
+  if (k.scalar_type() == torch::kHalf)
+    run(k.data_ptr<c10::Half>(), v.data_ptr<c10::Half>());
+  else
+    run(k.data_ptr<float>(), v.data_ptr<float>());
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The decode step: every layer of the model for one new token per sequence, in one call
 //
@@ -221,13 +324,11 @@ class Decoder {
     rows = rows.to(torch::kLong).contiguous();
     pos = pos.to(torch::kLong).contiguous();
     TORCH_CHECK(rows.numel() == B && pos.numel() == B, "one cache row and position per token");
-    for (int64_t l = 0; l < L; ++l)
-      for (const auto& c : {k[l], v[l]})
-        TORCH_CHECK((c.dtype() == torch::kFloat || c.dtype() == torch::kHalf) &&
-                        c.dtype() == k[0].dtype() && c.is_contiguous() && c.dim() == 4 &&
-                        c.size(1) == n_kv_ && c.size(3) == head_dim_ && c.sizes() == k[0].sizes(),
-                    "caches must be contiguous float32 or float16 [rows, ", n_kv_, ", max_len, ",
-                    head_dim_, "]");
+    for (int64_t l = 0; l < L; ++l) {
+      check_cache(k[l], v[l], n_kv_, head_dim_);
+      TORCH_CHECK(k[l].dtype() == k[0].dtype() && k[l].sizes() == k[0].sizes(),
+                  "every layer's cache must have the same type and shape");
+    }
     const int64_t* row = rows.data_ptr<int64_t>();
     const int64_t* at = pos.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b)
@@ -289,10 +390,6 @@ class Decoder {
     }
   }
 
-  int64_t cache_offset(const torch::Tensor& c, int64_t row, int64_t head, int64_t p) const {
-    return ((row * n_kv_ + head) * c.size(2) + p) * head_dim_;
-  }
-
   // Writes each token's new keys and values into its cache row, then lets each query head attend
   // to its kv head's cached positions 0..pos (causal, one query). A task serves several query
   // heads of one group, so each cached row is read from memory once a step, unless that leaves
@@ -315,26 +412,11 @@ class Decoder {
     at::parallel_for(0, B * n_kv_ * split, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> scores;  // [heads, n]
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / (n_kv_ * split), g = t / split % n_kv_, n = at[b] + 1;
+        const int64_t b = t / (n_kv_ * split), g = t / split % n_kv_;
         const int64_t first = g * G + t % split * heads;  // its first query head
-        const float* q = qkv + b * qkv_n + first * D;
-        const T* keys = k_base + cache_offset(k, row[b], g, 0);
-        const T* values = v_base + cache_offset(v, row[b], g, 0);
-        scores.resize(heads * n);
-        head_scores(q, heads, keys, values, n, D, scale, scores.data());
-        for (int64_t h = 0; h < heads; ++h) {  // softmax of each head's scores
-          float* e = scores.data() + h * n;
-          const float top = row_max(e, n);
-          float total = 0.f;
-#pragma omp simd reduction(+ : total)
-          for (int64_t j = 0; j < n; ++j) {
-            e[j] = expf(e[j] - top);
-            total += e[j];
-          }
-          const float inv = 1.f / total;
-          for (int64_t j = 0; j < n; ++j) e[j] *= inv;
-        }
-        head_values(scores.data(), heads, values, n, D, out + b * q_n + first * D);
+        attend_group(qkv + b * qkv_n + first * D, heads, k_base + cache_offset(k, row[b], g, 0),
+                     v_base + cache_offset(v, row[b], g, 0), at[b] + 1, D, scale, scores,
+                     out + b * q_n + first * D);
       }
     });
   }

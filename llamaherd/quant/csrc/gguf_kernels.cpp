@@ -6,7 +6,7 @@
 //   simd.h         float vector helpers: dot, max, axpy, exp, SwiGLU
 //   tile_*.h       one integer-dot tile per instruction set (AVX-512 VNNI, AMX, AVX2, portable)
 //   matmul.h       matmuls over panels, RMSNorm, SwiGLU
-//   decode.h       the fused decode step
+//   decode.h       attention over the KV cache, the fused decode step
 //   sampling.h     drawing tokens from softmax(logits / temperature)
 
 #include "decode.h"
@@ -48,6 +48,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu", &swiglu, nogil, "silu(gate) * up of float32 rows [..., 2H] (gate | up)");
   m.def("draw", &draw, nogil,
         "one token a row of logits float32 [B, V] from softmax(logits / temperature) by inverse CDF");
+  m.def("attention", &attention, nogil,
+        "causal attention of queries float32 [B, T, H, D] over their cache rows, positions [B, T]");
   m.def("simd", &simd, "the instruction set the kernels were compiled for");
   py::class_<Decoder>(m, "Decoder", "every layer of a packed model for one new token per sequence")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, torch::Tensor>(),
