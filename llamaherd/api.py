@@ -156,11 +156,8 @@ def load(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None,
         check_mode(quant)
         dtype = "float32" if dtype is None else dtype
     path = resolve_path(name_or_path)
-    ckpt = load_checkpoint(path, dtype=_parse_dtype(dtype))
+    ckpt = load_checkpoint(path, dtype=_parse_dtype(dtype), with_tokenizer=True)
     if quant is not None:
         quantize_model(ckpt.model, quant)
-    tokenizer = tok.load(ckpt.path, metadata=ckpt.metadata if ckpt.format == "gguf" else None)
-    for key in [k for k, v in ckpt.metadata.items()
-                if k.startswith("tokenizer.ggml.") and isinstance(v, list)]:
-        del ckpt.metadata[key]  # the vocabulary lives in the tokenizer now (~9 MB for 49k tokens)
+    tokenizer = ckpt.tokenizer or tok.load(ckpt.path)
     return LLM(ckpt, tokenizer)

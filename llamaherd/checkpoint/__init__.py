@@ -32,6 +32,7 @@ class Checkpoint:
     path: Path
     metadata: dict[str, Any] = field(default_factory=dict)  # GGUF key/values, HF/Meta config
     tensor_types: dict[str, int] = field(default_factory=dict)  # type name -> tensor count
+    tokenizer: Any = None  # the file's own tokenizer, where the loader was asked to build it
 
 
 def detect_format(path: str | Path) -> str:
@@ -121,9 +122,11 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
+def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None,
+                    with_tokenizer: bool = False) -> Checkpoint:
     """Load a checkpoint. dtype None picks the format's fast path (packed quantized weights for
-    GGUF); torch.float32 the exact float32 path."""
+    GGUF); torch.float32 the exact float32 path. with_tokenizer: a GGUF file's tokenizer is built
+    too, before the weights (Checkpoint.tokenizer); other formats leave it None."""
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "gguf":
@@ -131,7 +134,7 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None) -> Ch
 
         if path.is_dir():
             path = min(path.glob("*.gguf"))
-        return load_gguf(path, dtype=dtype)
+        return load_gguf(path, dtype=dtype, with_tokenizer=with_tokenizer)
     if fmt == "hf":
         from llamaherd.checkpoint.hf import load_hf
 
