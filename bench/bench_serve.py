@@ -5,8 +5,9 @@ streamed chat answers, llamaherd's server against llama-cpp-python's OpenAI serv
     .venv/bin/python bench/bench_serve.py --smoke      # a few seconds: levels 1,2 and 8 tokens
     .venv/bin/python bench/bench_serve.py --shared-prefix   # prefix caching on vs off
 
-Every stream asks for `--max-tokens` tokens of a long answer; tokens are counted from the
-server's usage report when it sends one, else one per content chunk. Results go to
+Every stream asks for `--max-tokens` tokens of a long answer to its own question (numbered, so
+no prompt is answered from a cache: each is prefilled); tokens are counted from the server's
+usage report when it sends one, else one per content chunk. Results go to
 bench/results/serve.json. llama-cpp-python is optional: without it (or its server extras) only
 llamaherd is measured, and the script says so.
 
@@ -52,7 +53,7 @@ PROMPTS = [
 SYSTEM_PROMPT = "You are the writing assistant of a small publishing house. " + " ".join(
     f"Guideline {i}: write vivid, concrete prose, keep a steady voice, and prefer short "
     f"paragraphs over long ones." for i in range(1, 18))
-READERS = itertools.count()  # makes every question behind the system prompt unique
+READERS = itertools.count()  # makes every question unique
 
 
 async def one_stream(client: aiohttp.ClientSession, url: str, model: str, prompt: str, max_tokens: int,
@@ -89,11 +90,11 @@ async def one_stream(client: aiohttp.ClientSession, url: str, model: str, prompt
 
 async def level(url: str, model: str, streams: int, max_tokens: int, usage: bool,
                 system: str | None = None) -> dict[str, Any]:
-    """`streams` concurrent answers; aggregate tokens/s over the wall time of all of them. With a
-    system prompt, each question is made unique (a shared prefix, never a whole shared prompt)."""
+    """`streams` concurrent answers; aggregate tokens/s over the wall time of all of them. Every
+    question is unique from its first word (a request number), so a server's prefix cache finds
+    at most the chat template's part (with a system prompt: that prompt), never a whole prompt."""
     def prompt(i: int) -> str:
-        question = PROMPTS[i % len(PROMPTS)]
-        return question if system is None else f"{question} (reader {next(READERS)})"
+        return f"(Request {next(READERS)}) {PROMPTS[i % len(PROMPTS)]}"
 
     limits = aiohttp.TCPConnector(limit=0)  # no cap on connections: every stream at once
     async with aiohttp.ClientSession(connector=limits,
