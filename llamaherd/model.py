@@ -61,6 +61,13 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
 
+
+# A prefill of up to FUSED_PREFILL_LEN tokens a sequence, FUSED_PREFILL_TOKENS in all, runs
+# through the fused decode step too (one C++ call for every layer, each token a row of the step):
+# 40% faster for 16 tokens, 20% for 46, 5-10% up to 8 x 64; longer prompts are faster through the
+# layers, whose attention takes tiles of queries and whose feed-forward takes blocks of rows.
+FUSED_PREFILL_LEN, FUSED_PREFILL_TOKENS = 128, 512
+
 def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A CPU tensor of zeros. From 4 MB on, its memory is mapped fresh from the OS, which provides
     it page by page as it is first written and takes it back whole when the tensor is freed: a
@@ -322,8 +329,9 @@ class Transformer(nn.Module):
         if input_pos.dim() == 1:
             input_pos = input_pos.expand(B, T)
         h = self.tok_embeddings(tokens)
-        if (T == 1 and self.fast_decode is not None and self.fast_decode.usable()
-                and not torch.is_grad_enabled()):
+        if (self.fast_decode is not None
+                and (T == 1 or (T <= FUSED_PREFILL_LEN and B * T <= FUSED_PREFILL_TOKENS))
+                and self.fast_decode.usable() and not torch.is_grad_enabled()):
             h = self.fast_decode(h, input_pos, cache_rows)
         else:
             ctx = StepContext.make(input_pos, cache_rows, self.rope_freqs)

@@ -11,16 +11,18 @@ from conftest import TINY, attention_case, make_tiny_model, reference_attention,
 import llamaherd
 from llamaherd.checkpoint import load_checkpoint
 from llamaherd.checkpoint.convert import write_gguf
+from llamaherd import model as model_module
 from llamaherd.model import Transformer
 
 
 def decode_logits(model: Transformer, fast: bool, prompt: list[list[int]], steps: list[list[int]],
                   rows: list[int], cache_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Prefill `prompt` (B, P) into cache rows `rows`, then feed the given tokens one step at a
-    time, each row at its own position (row b starts b tokens later); logits (steps, B, V)."""
+    """Prefill `prompt` (B, P) into cache rows `rows` (through the layers either way, so both
+    start from the same cache), then feed the given tokens one step at a time, each row at its
+    own position (row b starts b tokens later); logits (steps, B, V)."""
     decoder = model.fast_decode
     assert decoder is not None, "the packed GGUF model should have a fused decoder"
-    model.fast_decode = decoder if fast else None
+    model.fast_decode = None
     try:
         B, P = len(prompt), len(prompt[0])
         model.setup_cache(max(rows) + 1, 64, cache_dtype)
@@ -28,6 +30,7 @@ def decode_logits(model: Transformer, fast: bool, prompt: list[list[int]], steps
         out = []
         with torch.inference_mode():
             model(torch.tensor(prompt), torch.arange(P).expand(B, P), cache_rows)
+            model.fast_decode = decoder if fast else None
             for t, tokens in enumerate(steps):
                 pos = torch.tensor([[P + t + b] for b in range(B)])  # rows at different positions
                 out.append(model(torch.tensor(tokens)[:, None], pos, cache_rows)[:, -1])
@@ -124,7 +127,7 @@ def test_fused_decode_on_the_real_model(default_model_path):
     assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() >= 0.9
 
 
-def test_fused_decode_is_only_used_where_it_applies(tiny_packed, tmp_path):
+def test_fused_decode_is_only_used_where_it_applies(tiny_packed, tmp_path, monkeypatch):
     # a float32 load keeps the exact layer-by-layer path
     path = tmp_path / "tiny.gguf"
     write_gguf(make_tiny_model(), path, weight_type="Q8_0")
@@ -142,16 +145,24 @@ def test_fused_decode_is_only_used_where_it_applies(tiny_packed, tmp_path):
 
     tiny_packed.fast_decode = Counting()
     try:
-        tiny_packed.setup_cache(1, 16)
+        tiny_packed.setup_cache(2, 16)
         with torch.inference_mode():
-            tiny_packed(torch.tensor([[1, 2, 3]]))  # prefill: T > 1
+            tiny_packed(torch.tensor([[1, 2, 3]]))  # a short prefill
             tiny_packed(torch.tensor([[4]]), torch.tensor([[3]]))  # decode
-        assert len(calls) == 1
+        assert len(calls) == 2
+        monkeypatch.setattr(model_module, "FUSED_PREFILL_LEN", 2)
+        with torch.inference_mode():
+            tiny_packed(torch.tensor([[1, 2, 3]]))  # longer than FUSED_PREFILL_LEN: the layers
+        monkeypatch.setattr(model_module, "FUSED_PREFILL_LEN", 3)
+        monkeypatch.setattr(model_module, "FUSED_PREFILL_TOKENS", 5)
+        with torch.inference_mode():
+            tiny_packed(torch.tensor([[1, 2, 3], [4, 5, 6]]))  # more tokens in all: the layers
+        assert len(calls) == 2
         tiny_packed(torch.tensor([[5]]), torch.tensor([[4]]))  # gradients on: the layers run
         tiny_packed.drop_cache()
         with torch.inference_mode():
             tiny_packed(torch.tensor([[5]]))  # no cache
-        assert len(calls) == 1
+        assert len(calls) == 2
     finally:
         tiny_packed.fast_decode = decoder
 
@@ -236,3 +247,23 @@ def test_packed_prefill_attention_runs_on_the_kernels_as_sdpa_would(tiny_packed)
         for a, f in zip(attentions, saved):
             a.cached_attention = f
     assert (kernel - sdpa).abs().max() < 1e-4 * sdpa.abs().max()
+
+
+def test_a_short_prefill_through_the_fused_step_matches_the_layers(tiny_packed, monkeypatch):
+    """Each prompt token a row of the fused step (rows out of order, the second prompt after 3
+    cached positions): the logits and the cache the layers would give."""
+    prompt = torch.randint(0, TINY.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    pos = torch.tensor([[0], [3]]) + torch.arange(9)
+    rows = torch.tensor([2, 0])
+
+    def prefill(fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(model_module, "FUSED_PREFILL_LEN", 128 if fused else 0)
+        tiny_packed.setup_cache(3, 16)
+        with torch.inference_mode():
+            logits = tiny_packed(prompt, pos, rows)
+        cache = tiny_packed.layers[-1].attention.cache
+        return logits, cache.k.float().clone(), cache.v.float().clone()
+
+    fused, layers = prefill(True), prefill(False)
+    for a, b in zip(fused, layers):  # the same kernels; sums in another order
+        assert (a - b).abs().max() < 1e-3 * b.abs().max()

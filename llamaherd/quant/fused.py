@@ -119,12 +119,18 @@ class FusedDecoder:
         return cache is not None and cache.k.dtype in (torch.float32, torch.float16)
 
     def __call__(self, h: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """h: (B, 1, dim) embeddings; pos: (B, 1) positions; rows: (B,) cache rows (None: 0..B-1)."""
-        B = h.shape[0]
+        """h: (B, T, dim) embeddings; pos: (B, T) positions; rows: (B,) cache rows (None: 0..B-1).
+
+        T > 1 (a short prefill): every token is one more row of the step, in its sequence's cache
+        row at its own position; all keys and values of a layer are written before any token
+        attends, each to its row's positions up to its own."""
+        B, T = pos.shape
         # the model's current caches, looked up each step (~3 us): holding on to them here would
         # keep a dropped cache's memory alive until the next step
         caches = [attention.cache for attention in self._attentions]
         if rows is None:
             rows = torch.arange(B)
-        return self._impl.forward(h.reshape(B, -1), rows, pos.reshape(B), [c.k for c in caches],
-                                  [c.v for c in caches]).view(B, 1, -1)
+        if T > 1:
+            rows = rows.repeat_interleave(T)
+        return self._impl.forward(h.reshape(B * T, -1), rows, pos.reshape(B * T),
+                                  [c.k for c in caches], [c.v for c in caches]).view(B, T, -1)

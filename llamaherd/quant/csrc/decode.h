@@ -284,6 +284,8 @@ struct Layer {
   Projection wqkv, wo, w13, w2;
 };
 
+constexpr int64_t FFN_ROWS = 64;
+
 class Decoder {
  public:
   Decoder(int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t hidden_dim,
@@ -337,8 +339,11 @@ class Decoder {
 
     torch::Tensor x = h.contiguous().clone();
     const int64_t q_n = n_heads_ * head_dim_, kv_n = n_kv_ * head_dim_, qkv_n = q_n + 2 * kv_n;
-    std::vector<float> xn(B * dim_), qkv(B * qkv_n), att(B * q_n), gu(B * 2 * hidden_),
-        act(B * hidden_), delta(B * dim_);
+    // the feed-forward takes FFN_ROWS tokens at a time (a short prefill has hundreds), so its
+    // two widest intermediates stay a few hundred KB
+    const int64_t ffn_rows = std::min(B, FFN_ROWS);
+    std::vector<float> xn(B * dim_), qkv(B * qkv_n), att(B * q_n), gu(ffn_rows * 2 * hidden_),
+        act(ffn_rows * hidden_), delta(B * dim_);
     const std::vector<float> rot = rotations(at, B);
     float* xp = x.data_ptr<float>();
     for (int64_t l = 0; l < L; ++l) {
@@ -356,9 +361,12 @@ class Decoder {
       for (int64_t i = 0; i < B * dim_; ++i) xp[i] += delta[i];
       for (int64_t b = 0; b < B; ++b)
         rms_norm_row(xp + b * dim_, layer.ffn_norm.data_ptr<float>(), dim_, eps_, xn.data() + b * dim_);
-      layer.w13(xn.data(), B, gu.data());
-      swiglu_rows(gu.data(), B, hidden_, act.data());
-      layer.w2(act.data(), B, delta.data());
+      for (int64_t r0 = 0; r0 < B; r0 += ffn_rows) {
+        const int64_t m = std::min(ffn_rows, B - r0);
+        layer.w13(xn.data() + r0 * dim_, m, gu.data());
+        swiglu_rows(gu.data(), m, hidden_, act.data());
+        layer.w2(act.data(), m, delta.data() + r0 * dim_);
+      }
       for (int64_t i = 0; i < B * dim_; ++i) xp[i] += delta[i];
     }
     return x;
