@@ -312,6 +312,21 @@ class Transformer(nn.Module):
         cache = self.layers[0].attention.cache
         return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
 
+    def fused_step_fits(self, tokens: int) -> bool:
+        """Whether forward_tokens can take a step of `tokens` tokens now."""
+        return (self.fast_decode is not None and tokens <= FUSED_PREFILL_TOKENS
+                and self.fast_decode.usable() and not torch.is_grad_enabled())
+
+    def forward_tokens(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
+                       keep: torch.Tensor) -> torch.Tensor:
+        """Logits (K, V) of the tokens `keep` (K indices) of one fused step over N tokens (N,):
+        token i sits at position pos[i] of cache row rows[i]; every token's keys and values are
+        written before any attends, each to its row's positions up to its own. So a decode step
+        and new prompts (each prompt token one more row) go through the weights in one pass.
+        Only where fused_step_fits."""
+        h = self.fast_decode(self.tok_embeddings(tokens[:, None]), pos[:, None], rows)
+        return self.output(self.norm(h[keep, 0])).float()
+
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache_rows: torch.Tensor | None = None,
                 output_index: torch.Tensor | None = None) -> torch.Tensor:

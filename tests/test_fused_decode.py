@@ -267,3 +267,50 @@ def test_a_short_prefill_through_the_fused_step_matches_the_layers(tiny_packed, 
     fused, layers = prefill(True), prefill(False)
     for a, b in zip(fused, layers):  # the same kernels; sums in another order
         assert (a - b).abs().max() < 1e-3 * b.abs().max()
+
+
+@pytest.fixture(scope="module")
+def packed_llm():
+    return llamaherd.load("smollm2-135m-instruct")
+
+
+def test_a_prompt_joining_a_running_batch_rides_in_its_decode_pass(packed_llm, monkeypatch):
+    """A short prompt added while others decode is prefilled in the same fused pass as their
+    next tokens; every sequence's tokens and log-probabilities are those it gets alone (each row
+    of the kernels' step is computed on its own, whatever else is in it)."""
+    from llamaherd.generation.engine import Engine
+    from llamaherd.generation.sampling import SamplingParams
+
+    tok, model = packed_llm.tokenizer, packed_llm.model
+    prompts = [tok.encode(p) for p in ("The capital of France is", "def fibonacci(n):",
+                                       "Once upon a time, in a small village,")]
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0, logprobs=0, ignore_eos=True)
+
+    def run(together: bool) -> list[list[tuple[int, float]]]:
+        engine = Engine(model, tok, rows=3, max_len=64)
+        seqs, out = [], {}
+
+        def step() -> None:
+            for e in engine.step():
+                out.setdefault(e.seq.id, []).append((e.token_id, e.logprob.logprob))
+
+        for i, p in enumerate(prompts):
+            if not together:
+                while not engine.idle:
+                    step()
+            seqs.append(engine.add(p, greedy))
+            for _ in range(i + 1):  # the next prompt joins after a step or two of decoding
+                step()
+        while not engine.idle:
+            step()
+        return [out[s.id] for s in seqs]
+
+    joined = []
+    original = model.forward_tokens
+    monkeypatch.setattr(model, "forward_tokens",
+                        lambda *a: joined.append(len(a[0])) or original(*a))
+    alone = run(False)
+    assert joined == []  # nothing was running when each prompt came: the plain prefill
+    together = run(True)
+    assert len(joined) == 2  # the second and third prompts joined a decode pass
+    assert together == alone

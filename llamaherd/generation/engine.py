@@ -18,7 +18,7 @@ import torch
 
 from llamaherd.generation.sampling import SamplingParams, sample_rows
 from llamaherd.generation.sequence import Event, Sequence
-from llamaherd.model import Transformer
+from llamaherd.model import FUSED_PREFILL_LEN, Transformer
 
 # A prefix is copied from a running sequence's row only if that saves at least this many prefill
 # tokens: the copy is two tensor writes per layer, which costs about as much as a few more tokens
@@ -193,26 +193,58 @@ class Engine:
     def step(self) -> list[Event]:
         """Prefill newly added sequences and decode one token for every running one."""
         events: list[Event] = []
+        groups, self._waiting = self._waiting, []
         if self._running:
-            events += self._decode(self._running)
-        if self._waiting:
-            groups, self._waiting = self._waiting, []
+            joining = self._joining(groups)  # short prompts that ride along in the decode pass
+            groups = [g for g in groups if not any(g is j for j in joining)]
+            events += self._decode(self._running, joining)
+        if groups:
             events += self._prefill(groups)
         for e in events:
             if e.finish_reason is not None:
                 self.cancel(e.seq)
         return events
 
-    def _decode(self, seqs: list[Sequence]) -> list[Event]:
+    def _joining(self, groups: list[list[Sequence]]) -> list[list[Sequence]]:
+        """The waiting groups whose prompts the decode step can take along (the model's fused
+        step, each prompt token one more row of it): in order, while they fit."""
+        joining, tokens = [], len(self._running)
+        for group in groups:
+            rest = len(group[0].prompt_ids) - group[0].pos
+            if rest > FUSED_PREFILL_LEN or not self.model.fused_step_fits(tokens + rest):
+                break
+            joining.append(group)
+            tokens += rest
+        return joining
+
+    def _decode(self, seqs: list[Sequence], joining: list[list[Sequence]] | None = None) -> list[Event]:
+        """One token for every sequence in `seqs`; with `joining`, the decode step's pass also
+        prefills those groups' prompts (see _joining)."""
         B = len(seqs)
-        tokens = torch.tensor([[s.next_input] for s in seqs], device=self.device)
-        pos = torch.tensor([[s.pos] for s in seqs], device=self.device)
-        rows = None if B == 1 and seqs[0].row == 0 else torch.tensor(
-            [s.row for s in seqs], device=self.device)
-        logits = self.model(tokens, pos, rows)[:, -1]  # (B, V)
+        if joining:
+            leaders = [g[0] for g in joining]
+            ids = [s.next_input for s in seqs] + [t for s in leaders for t in s.prompt_ids[s.pos:]]
+            at = [s.pos for s in seqs] + [p for s in leaders
+                                          for p in range(s.pos, len(s.prompt_ids))]
+            rows = [s.row for s in seqs] + [s.row for s in leaders
+                                            for _ in range(len(s.prompt_ids) - s.pos)]
+            keep = list(range(B))  # every decode token, and each prompt's last token
+            for s in leaders:
+                keep.append(keep[-1] + len(s.prompt_ids) - s.pos)
+            logits = self.model.forward_tokens(*(torch.tensor(x, device=self.device)
+                                                 for x in (ids, at, rows, keep)))
+        else:
+            tokens = torch.tensor([[s.next_input] for s in seqs], device=self.device)
+            pos = torch.tensor([[s.pos] for s in seqs], device=self.device)
+            rows = None if B == 1 and seqs[0].row == 0 else torch.tensor(
+                [s.row for s in seqs], device=self.device)
+            logits = self.model(tokens, pos, rows)[:, -1]  # (B, V)
         for s in seqs:
             s.pos += 1
-        return self._sample(seqs, logits)
+        events = self._sample(seqs, logits[:B])
+        if joining:
+            events += self._start(joining, logits[B:])
+        return events
 
     def _prefill(self, groups: list[list[Sequence]]) -> list[Event]:
         """Prefill each group leader's prompt from its pos on (the tokens not cached yet)."""
@@ -237,6 +269,11 @@ class Engine:
                              output_index=last.clamp(c0, c1 - 1) - c0)  # (G, V)
             ends_here = ((last >= c0) & (last < c1))[:, None]  # rows whose prompt ends here
             logits = out if c0 == 0 else torch.where(ends_here, out, logits)
+        return self._start(groups, logits)
+
+    def _start(self, groups: list[list[Sequence]], logits: torch.Tensor) -> list[Event]:
+        """After the groups' prompts are prefilled (logits: each leader's last prompt token):
+        copy each leader's row to its group, sample every first token, and start them running."""
         seqs: list[Sequence] = []
         row_logits: list[torch.Tensor] = []
         for g, group in enumerate(groups):
