@@ -37,7 +37,7 @@ void matmul_typed(const Activations& a, const uint8_t* w, int64_t n, float* out)
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, macs_per_panel));
   at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
 #ifdef LH_AMX
-    if (a.rows >= AMX_MIN_ROWS && amx_ready()) return amx_panels<QT>(a, w, n, p0, p1, out);
+    if (amx_pays(a.rows, a.nb) && amx_ready()) return amx_panels<QT>(a, w, n, p0, p1, out);
 #endif
     for (int64_t rb = 0; rb < a.rows; rb += ROW_BLOCK) {
       const int64_t re = std::min(a.rows, rb + ROW_BLOCK);

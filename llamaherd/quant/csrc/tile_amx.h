@@ -26,7 +26,13 @@ namespace {
 
 // Fewer rows take the VNNI tile: below 16 it is as fast or faster (bench_kernels.py --isa
 // avx512,amx), as the tile stores and the float epilogue, not the multiplies, bound both paths.
-constexpr int64_t AMX_MIN_ROWS = 16;
+// With long rows (K over 1024: the feed-forward's down projection) the VNNI tile stays ahead up
+// to ~32 rows (1536 x 576 at 16 rows: 68 us against AMX's 81).
+constexpr int64_t AMX_MIN_ROWS = 16, AMX_MIN_ROWS_LONG_K = 32;
+
+inline bool amx_pays(int64_t rows, int64_t nb) {
+  return rows >= (nb * QK > 1024 ? AMX_MIN_ROWS_LONG_K : AMX_MIN_ROWS);
+}
 constexpr int64_t B_BYTES = QK / 4 * 64;  // one block's B tile: 8 rows of 64 bytes
 
 // Whether tile instructions may run: Linux gives a process the 8 KB of tile state only when asked
