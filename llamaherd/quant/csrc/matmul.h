@@ -37,7 +37,15 @@ void matmul_typed(const Activations& a, const uint8_t* w, int64_t n, float* out)
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, macs_per_panel));
   at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
 #ifdef LH_AMX
-    if (amx_pays(a.rows, a.nb) && amx_ready()) return amx_panels<QT>(a, w, n, p0, p1, out);
+    if (amx_pays(a.rows, a.nb) && amx_ready()) {
+      const int64_t tail = a.rows % PANEL, amx_rows = tail <= AMX_VNNI_TAIL ? a.rows - tail : a.rows;
+      return amx_panels<QT>(a, w, n, p0, p1, out, amx_rows,
+                            [&](int64_t p, const uint8_t* panel, int64_t cols) {
+        for (int64_t r0 = amx_rows; r0 < a.rows; r0 += TILE_ROWS)
+          tile_rows<QT>(std::min<int64_t>(TILE_ROWS, a.rows - r0), a, r0, panel, out + p * PANEL,
+                        n, cols);
+      });
+    }
 #endif
     for (int64_t rb = 0; rb < a.rows; rb += ROW_BLOCK) {
       const int64_t re = std::min(a.rows, rb + ROW_BLOCK);

@@ -30,6 +30,10 @@ namespace {
 // to ~32 rows (1536 x 576 at 16 rows: 68 us against AMX's 81).
 constexpr int64_t AMX_MIN_ROWS = 16, AMX_MIN_ROWS_LONG_K = 32;
 
+// A last group of at most this many rows (after whole groups of 16) takes the VNNI tile, panel by
+// panel right after the AMX rows: a pass of the AMX tile costs about as much for 8 rows as for 16.
+constexpr int64_t AMX_VNNI_TAIL = 8;
+
 inline bool amx_pays(int64_t rows, int64_t nb) {
   return rows >= (nb * QK > 1024 ? AMX_MIN_ROWS_LONG_K : AMX_MIN_ROWS);
 }
@@ -147,12 +151,12 @@ void amx_tile_rows(int m, const Activations& a, int64_t r0, const uint8_t* panel
   amx_tile<QT, M>(a, r0, panel, b_tiles, b_stride, out, ldo, cols);
 }
 
-// matmul_typed's panels p0..p1-1 with AMX: each panel's B tiles are made ready once, then all the
-// activation rows pass, 16 at a time. The tiles are configured here and released at the end, so
+// matmul_typed's panels p0..p1-1 with AMX for activation rows 0..rows-1, `tail` for the others:
+// each panel's B tiles are made ready once, then those rows pass, 16 at a time. The tiles are configured here and released at the end, so
 // other code on this thread (oneDNN uses AMX too) never finds them in an unexpected state.
-template <int64_t QT>
+template <int64_t QT, typename Tail>
 void amx_panels(const Activations& a, const uint8_t* w, int64_t n, int64_t p0, int64_t p1,
-                float* out) {
+                float* out, int64_t rows, const Tail& tail) {
   constexpr Format f = format_for<QT>();
   const int64_t nb = a.nb, panel_bytes = PANEL * nb * f.block_bytes;
   thread_local std::vector<uint8_t> unpacked;
@@ -168,11 +172,12 @@ void amx_panels(const Activations& a, const uint8_t* w, int64_t n, int64_t p0, i
       b_stride = B_BYTES;
     }
     const int64_t cols = std::min(PANEL, n - p * PANEL);
-    for (int64_t r0 = 0; r0 < a.rows; r0 += PANEL) {
-      const int m = static_cast<int>(std::min(PANEL, a.rows - r0));
+    for (int64_t r0 = 0; r0 < rows; r0 += PANEL) {
+      const int m = static_cast<int>(std::min(PANEL, rows - r0));
       if (m != configured) configure_tiles(configured = m);
       amx_tile_rows<QT>(m, a, r0, panel, b_tiles, b_stride, out + p * PANEL, n, cols);
     }
+    tail(p, panel, cols);  // rows rows..a.rows-1 of this panel, while it is in cache
   }
   _tile_release();
 }
