@@ -159,5 +159,5 @@ def load(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None,
     ckpt = load_checkpoint(path, dtype=_parse_dtype(dtype), with_tokenizer=True)
     if quant is not None:
         quantize_model(ckpt.model, quant)
-    tokenizer = ckpt.tokenizer or tok.load(ckpt.path)
+    tokenizer = ckpt.tokenizer if ckpt.tokenizer is not None else tok.load(ckpt.path)
     return LLM(ckpt, tokenizer)

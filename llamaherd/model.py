@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import mmap
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,12 +61,17 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
 
-
 # A prefill of up to FUSED_PREFILL_LEN tokens a sequence, FUSED_PREFILL_TOKENS in all, runs
 # through the fused decode step too (one C++ call for every layer, each token a row of the step):
 # 40% faster for 16 tokens, 20% for 46, 5-10% up to 8 x 64; longer prompts are faster through the
 # layers, whose attention takes tiles of queries and whose feed-forward takes blocks of rows.
 FUSED_PREFILL_LEN, FUSED_PREFILL_TOKENS = 128, 512
+
+
+def row_ids(rows: torch.Tensor | slice) -> torch.Tensor:
+    """Cache row ids (B,) of a step's rows, given as ids or as a slice of consecutive rows."""
+    return rows if isinstance(rows, torch.Tensor) else torch.arange(rows.start, rows.stop)
+
 
 def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A CPU tensor of zeros. From 4 MB on, its memory is mapped fresh from the OS, which provides
@@ -101,8 +106,7 @@ class KVCache(nn.Module):
             self.k[rows, :, p] = k[:, :, 0]
             self.v[rows, :, p] = v[:, :, 0]
         else:
-            r = rows if isinstance(rows, torch.Tensor) else torch.arange(
-                rows.start, rows.stop, device=pos.device)
+            r = row_ids(rows).to(pos.device)
             # indexed view is (B, T, n_kv, D); the cache may store a narrower dtype
             self.k[r[:, None], :, pos] = k.transpose(1, 2).to(self.k.dtype)
             self.v[r[:, None], :, pos] = v.transpose(1, 2).to(self.v.dtype)
@@ -192,12 +196,10 @@ class Attention(nn.Module):
             k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, -1), ctx.rot)
             v = self.wv(x)
         if self.cache is not None and self.cached_attention is not None and T > 1:
-            rows = ctx.rows if isinstance(ctx.rows, torch.Tensor) else torch.arange(
-                ctx.rows.start, ctx.rows.stop)
             self.cache.update(ctx.rows, ctx.pos, k.transpose(1, 2),
                               v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2),
                               ctx.length)
-            out = self.cached_attention(q, self.cache.k, self.cache.v, rows, ctx.pos)
+            out = self.cached_attention(q, self.cache.k, self.cache.v, row_ids(ctx.rows), ctx.pos)
             return self.wo(out.reshape(B, T, -1))
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -312,9 +314,11 @@ class Transformer(nn.Module):
         cache = self.layers[0].attention.cache
         return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
 
-    def fused_step_fits(self, tokens: int) -> bool:
-        """Whether forward_tokens can take a step of `tokens` tokens now."""
-        return (self.fast_decode is not None and tokens <= FUSED_PREFILL_TOKENS
+    def fused_step_fits(self, tokens: int | None = None) -> bool:
+        """Whether the fused step (fast_decode, forward_tokens) can take `tokens` tokens now
+        (None: a decode step, one token a sequence, however many sequences)."""
+        return (self.fast_decode is not None
+                and (tokens is None or tokens <= FUSED_PREFILL_TOKENS)
                 and self.fast_decode.usable() and not torch.is_grad_enabled())
 
     def forward_tokens(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
@@ -344,9 +348,8 @@ class Transformer(nn.Module):
         if input_pos.dim() == 1:
             input_pos = input_pos.expand(B, T)
         h = self.tok_embeddings(tokens)
-        if (self.fast_decode is not None
-                and (T == 1 or (T <= FUSED_PREFILL_LEN and B * T <= FUSED_PREFILL_TOKENS))
-                and self.fast_decode.usable() and not torch.is_grad_enabled()):
+        if ((T == 1 and self.fused_step_fits())
+                or (1 < T <= FUSED_PREFILL_LEN and self.fused_step_fits(B * T))):
             h = self.fast_decode(h, input_pos, cache_rows)
         else:
             ctx = StepContext.make(input_pos, cache_rows, self.rope_freqs)

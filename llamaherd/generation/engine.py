@@ -196,7 +196,7 @@ class Engine:
         groups, self._waiting = self._waiting, []
         if self._running:
             joining = self._joining(groups)  # short prompts that ride along in the decode pass
-            groups = [g for g in groups if not any(g is j for j in joining)]
+            groups = groups[len(joining):]
             events += self._decode(self._running, joining)
         if groups:
             events += self._prefill(groups)
@@ -206,8 +206,8 @@ class Engine:
         return events
 
     def _joining(self, groups: list[list[Sequence]]) -> list[list[Sequence]]:
-        """The waiting groups whose prompts the decode step can take along (the model's fused
-        step, each prompt token one more row of it): in order, while they fit."""
+        """The first waiting groups whose prompts the decode step can take along (the model's
+        fused step, each prompt token one more row of it): in order, while they fit."""
         joining, tokens = [], len(self._running)
         for group in groups:
             rest = len(group[0].prompt_ids) - group[0].pos
@@ -217,20 +217,21 @@ class Engine:
             tokens += rest
         return joining
 
-    def _decode(self, seqs: list[Sequence], joining: list[list[Sequence]] | None = None) -> list[Event]:
+    def _decode(self, seqs: list[Sequence],
+                joining: list[list[Sequence]] | None = None) -> list[Event]:
         """One token for every sequence in `seqs`; with `joining`, the decode step's pass also
         prefills those groups' prompts (see _joining)."""
         B = len(seqs)
         if joining:
-            leaders = [g[0] for g in joining]
-            ids = [s.next_input for s in seqs] + [t for s in leaders for t in s.prompt_ids[s.pos:]]
-            at = [s.pos for s in seqs] + [p for s in leaders
-                                          for p in range(s.pos, len(s.prompt_ids))]
-            rows = [s.row for s in seqs] + [s.row for s in leaders
-                                            for _ in range(len(s.prompt_ids) - s.pos)]
+            ids = [s.next_input for s in seqs]
+            at, rows = [s.pos for s in seqs], [s.row for s in seqs]
             keep = list(range(B))  # every decode token, and each prompt's last token
-            for s in leaders:
-                keep.append(keep[-1] + len(s.prompt_ids) - s.pos)
+            for s in (g[0] for g in joining):
+                rest = range(s.pos, len(s.prompt_ids))
+                ids += s.prompt_ids[s.pos:]
+                at += rest
+                rows += [s.row] * len(rest)
+                keep.append(keep[-1] + len(rest))
             logits = self.model.forward_tokens(*(torch.tensor(x, device=self.device)
                                                  for x in (ids, at, rows, keep)))
         else:

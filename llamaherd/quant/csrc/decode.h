@@ -201,6 +201,16 @@ void check_cache(const torch::Tensor& k, const torch::Tensor& v, int64_t n_kv, i
                 head_dim, "]");
 }
 
+// Each of B sequences' cache row row[b] and its T positions at[b * T + t] inside the cache.
+void check_slots(const torch::Tensor& cache, const int64_t* row, const int64_t* at, int64_t B,
+                 int64_t T) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      TORCH_CHECK(row[b] >= 0 && row[b] < cache.size(0) && at[b * T + t] >= 0 &&
+                      at[b * T + t] < cache.size(2),
+                  "cache row ", row[b], " or position ", at[b * T + t], " out of range");
+}
+
 // Causal attention of T queries a sequence over the KV cache, their own keys and values already
 // written (a prefill, or a speculative check): query t of sequence b, at position pos[b, t] of
 // cache row rows[b], sees that row's positions 0..pos[b, t]. A task is QUERY_TILE consecutive
@@ -220,17 +230,14 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
   q = q.contiguous();
   rows = rows.to(torch::kLong).contiguous();
   pos = pos.to(torch::kLong).contiguous();
-  TORCH_CHECK(rows.numel() == B && pos.numel() == B * T, "one cache row a sequence, one position a query");
+  TORCH_CHECK(rows.numel() == B && pos.numel() == B * T,
+              "one cache row a sequence, one position a query");
   const int64_t* row = rows.data_ptr<int64_t>();
   const int64_t* at = pos.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(row[b] >= 0 && row[b] < k.size(0), "cache row ", row[b], " out of range");
-    for (int64_t t = 0; t < T; ++t)
-      TORCH_CHECK(at[b * T + t] >= 0 && at[b * T + t] < k.size(2), "position ", at[b * T + t],
-                  " out of range");
-  }
-  auto out = torch::empty_like(q);
+  check_slots(k, row, at, B, T);
   const int64_t G = H / Hkv;
+  TORCH_CHECK(G <= 64, "more than 64 query heads share a kv head");
+  auto out = torch::empty_like(q);
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -239,7 +246,6 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
     at::parallel_for(0, B * tiles * Hkv, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> scores, qs(QUERY_TILE * G * D), os(QUERY_TILE * G * D);
       int64_t seen[QUERY_TILE * 64];  // keys seen by each head of the tile (G <= 64)
-      TORCH_CHECK(G <= 64, "more than 64 query heads share a kv head");
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t g = i % Hkv, j = i / Hkv % tiles, b = i / (Hkv * tiles);
         const int64_t tile = j % 2 == 0 ? j / 2 : tiles - 1 - j / 2;  // 0, last, 1, last-1, ...
@@ -333,9 +339,7 @@ class Decoder {
     }
     const int64_t* row = rows.data_ptr<int64_t>();
     const int64_t* at = pos.data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK(row[b] >= 0 && row[b] < k[0].size(0) && at[b] >= 0 && at[b] < k[0].size(2),
-                  "cache row ", row[b], " or position ", at[b], " out of range");
+    check_slots(k[0], row, at, B, 1);
 
     torch::Tensor x = h.contiguous().clone();
     const int64_t q_n = n_heads_ * head_dim_, kv_n = n_kv_ * head_dim_, qkv_n = q_n + 2 * kv_n;

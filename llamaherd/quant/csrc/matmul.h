@@ -38,7 +38,8 @@ void matmul_typed(const Activations& a, const uint8_t* w, int64_t n, float* out)
   at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
 #ifdef LH_AMX
     if (amx_pays(a.rows, a.nb) && amx_ready()) {
-      const int64_t tail = a.rows % PANEL, amx_rows = tail <= AMX_VNNI_TAIL ? a.rows - tail : a.rows;
+      const int64_t tail = a.rows % PANEL;
+      const int64_t amx_rows = tail <= AMX_VNNI_TAIL ? a.rows - tail : a.rows;
       return amx_panels<QT>(a, w, n, p0, p1, out, amx_rows,
                             [&](int64_t p, const uint8_t* panel, int64_t cols) {
         for (int64_t r0 = amx_rows; r0 < a.rows; r0 += TILE_ROWS)

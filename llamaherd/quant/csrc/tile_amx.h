@@ -152,8 +152,9 @@ void amx_tile_rows(int m, const Activations& a, int64_t r0, const uint8_t* panel
 }
 
 // matmul_typed's panels p0..p1-1 with AMX for activation rows 0..rows-1, `tail` for the others:
-// each panel's B tiles are made ready once, then those rows pass, 16 at a time. The tiles are configured here and released at the end, so
-// other code on this thread (oneDNN uses AMX too) never finds them in an unexpected state.
+// each panel's B tiles are made ready once, then those rows pass, 16 at a time. The tiles are
+// configured here and released at the end, so other code on this thread (oneDNN uses AMX too)
+// never finds them in an unexpected state.
 template <int64_t QT, typename Tail>
 void amx_panels(const Activations& a, const uint8_t* w, int64_t n, int64_t p0, int64_t p1,
                 float* out, int64_t rows, const Tail& tail) {
