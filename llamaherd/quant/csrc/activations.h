@@ -5,25 +5,30 @@
 
 namespace {
 
+// Block-major: block b of row r lies at quants + (b*rows + r)*32 and its scale at scales[b*rows + r],
+// so one block of consecutive rows is contiguous. A tile then reaches all its rows of a block from
+// one pointer at constant offsets (a pointer per row spilled registers and doubled the instruction
+// count of the 8-row tile), and AMX loads them as one tile with a 32-byte stride.
 struct Activations {
   int64_t rows = 0, nb = 0;
-  std::vector<int8_t> quants;  // [rows, nb*32]
-  std::vector<float> scales;   // [rows, nb] da
-  std::vector<float> terms;    // [rows, nb] coef * da * sum(qa): the min term's activation factor
-  std::vector<int32_t> sums;   // [rows, nb] sum(qa)
+  std::vector<int8_t> quants;  // [nb, rows, 32]
+  std::vector<float> scales;   // [nb, rows] da
+  std::vector<float> terms;    // [nb, rows] coef * da * sum(qa): the min term's activation factor
+  std::vector<int32_t> sums;   // [nb, rows] sum(qa)
 
-  const int8_t* q(int64_t r) const { return quants.data() + r * nb * QK; }
-  const float* d(int64_t r) const { return scales.data() + r * nb; }
-  const float* t(int64_t r) const { return terms.data() + r * nb; }
-  const int32_t* s(int64_t r) const { return sums.data() + r * nb; }
+  // Row r's block b; row r + i's is i*32 bytes (q) or i elements (d, t, s) further on.
+  const int8_t* q(int64_t r, int64_t b) const { return quants.data() + (b * rows + r) * QK; }
+  const float* d(int64_t r, int64_t b) const { return scales.data() + b * rows + r; }
+  const float* t(int64_t r, int64_t b) const { return terms.data() + b * rows + r; }
+  const int32_t* s(int64_t r, int64_t b) const { return sums.data() + b * rows + r; }
 };
 
 // coef is the weight type's min_coef (Q4_0, Q8_0: m = coef*d) or 1 for a stored min (Q4_1).
-void quantize_row(const float* x, int64_t nb, float coef, int8_t* q, float* scales, float* terms,
-                  int32_t* sums) {
-  for (int64_t b = 0; b < nb; ++b) {
+// Row r of x into a's blocks (a sized for its rows and blocks).
+void quantize_row(const float* x, int64_t r, float coef, Activations& a) {
+  for (int64_t b = 0; b < a.nb; ++b) {
     const float* xb = x + b * QK;
-    int8_t* qb = q + b * QK;
+    int8_t* qb = a.quants.data() + (b * a.rows + r) * QK;
     int32_t total = 0;
     float amax;
 #ifdef LH_AVX512
@@ -72,9 +77,10 @@ void quantize_row(const float* x, int64_t nb, float coef, int8_t* q, float* scal
       total += v;
     }
 #endif
-    scales[b] = amax / 127.f;
-    terms[b] = coef * scales[b] * static_cast<float>(total);
-    sums[b] = total;
+    const int64_t at = b * a.rows + r;
+    a.scales[at] = amax / 127.f;
+    a.terms[at] = coef * a.scales[at] * static_cast<float>(total);
+    a.sums[at] = total;
   }
 }
 
@@ -86,9 +92,7 @@ void quantize_activations(const float* x, int64_t rows, int64_t nb, float coef, 
   a.terms.resize(rows * nb);
   a.sums.resize(rows * nb);
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      quantize_row(x + r * nb * QK, nb, coef, a.quants.data() + r * nb * QK,
-                   a.scales.data() + r * nb, a.terms.data() + r * nb, a.sums.data() + r * nb);
+    for (int64_t r = r0; r < r1; ++r) quantize_row(x + r * nb * QK, r, coef, a);
   });
 }
 

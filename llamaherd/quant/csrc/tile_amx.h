@@ -12,9 +12,9 @@ namespace {
 //
 // TDPBSUD multiplies tile A (M rows x K signed bytes) by tile B (K/4 rows x 64 unsigned bytes)
 // into tile C (M rows x 16 int32):  C[m][n] += sum over k < K/4, i < 4 of A[m][4k+i] * B[k][4n+i].
-// With A = M activation rows' 32 quants of block b (K = 32, row stride nb*32 bytes) and B row
-// k = the 16 panel rows' quants 4k..4k+3, one instruction gives the block's integer dots for all
-// M x 16 (activation row, panel row) pairs: the same dots the VNNI tile sums with 8*M vpdpbusd.
+// With A = M activation rows' 32 quants of block b (K = 32; block-major, rows 32 bytes apart) and
+// B row k = the 16 panel rows' quants 4k..4k+3, one instruction gives the block's integer dots
+// for all M x 16 (activation row, panel row) pairs: the dots the VNNI tile sums with 8*M vpdpbusd.
 //   Q8_0: B is the block's 8 quant vectors as stored (offset binary u = q + 128: unsigned).
 //   Q4:   B rows 0-3 are the low nibbles of vectors 0-3 (elements 0-15), rows 4-7 their high
 //         nibbles (elements 16-31), unpacked to bytes once per panel.
@@ -115,15 +115,12 @@ void amx_tile(const Activations& a, int64_t r0, const uint8_t* panel, const uint
               int64_t b_stride, float* out, int64_t ldo, int64_t cols) {
   constexpr Format f = format_for<QT>();
   constexpr int64_t AHEAD = 4, RING = 8;  // RING > AHEAD: a slot is rewritten well after its read
-  const int64_t nb = a.nb, x_stride = nb * QK;
-  const int8_t* x = a.q(r0);
+  const int64_t nb = a.nb;
   alignas(64) int32_t dots[RING][M * PANEL];  // C of block b in slot b % RING
   auto issue = [&](int64_t b) {  // the two tile sets take turns
-    if (b % 2 == 0) block_dots<0>(x + b * QK, x_stride, b_tiles + b * b_stride, dots[b % RING]);
-    else block_dots<1>(x + b * QK, x_stride, b_tiles + b * b_stride, dots[b % RING]);
+    if (b % 2 == 0) block_dots<0>(a.q(r0, b), QK, b_tiles + b * b_stride, dots[b % RING]);
+    else block_dots<1>(a.q(r0, b), QK, b_tiles + b * b_stride, dots[b % RING]);
   };
-  const float* da = a.d(r0);
-  const float* terms = a.t(r0);
   __m512 acc[M];
 #pragma GCC unroll 16
   for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
@@ -132,10 +129,11 @@ void amx_tile(const Activations& a, int64_t r0, const uint8_t* panel, const uint
     if (b + AHEAD < nb) issue(b + AHEAD);
     const BlockScales scales = block_scales<QT>(panel + b * PANEL * f.block_bytes);
     const int32_t* c = dots[b % RING];
+    const float* da = a.d(r0, b);
+    const float* terms = a.t(r0, b);
 #pragma GCC unroll 16
     for (int r = 0; r < M; ++r)
-      acc[r] = accumulate<QT>(acc[r], _mm512_load_si512(c + PANEL * r), scales, da[r * nb + b],
-                              terms[r * nb + b]);
+      acc[r] = accumulate<QT>(acc[r], _mm512_load_si512(c + PANEL * r), scales, da[r], terms[r]);
   }
   const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
 #pragma GCC unroll 16

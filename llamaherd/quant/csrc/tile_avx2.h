@@ -52,20 +52,15 @@ void half_tile(const Activations& a, int64_t r0, const uint8_t* panel, int half,
   constexpr int NQ = f.quant_bytes / 4;  // 64-byte quant vectors per block: 4 (Q4) or 8 (Q8)
   const int64_t nb = a.nb;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const int32_t* aq[G];
-  const float* da[G];
-  const float* terms[G];
   __m256 acc[G];
-  for (int g = 0; g < G; ++g) {
-    aq[g] = reinterpret_cast<const int32_t*>(a.q(r0 + g));
-    da[g] = a.d(r0 + g);
-    terms[g] = a.t(r0 + g);
-    acc[g] = _mm256_setzero_ps();
-  }
+  for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* block = panel + b * PANEL * f.block_bytes;
     if (half == 0) prefetch_panel(block, PANEL * f.block_bytes);  // the other passes hit cache
     const uint8_t* quants = block + f.scale_bytes() + 4 * HALF * half;
+    const int32_t* aq = reinterpret_cast<const int32_t*>(a.q(r0, b));  // row g's at aq + 8g
+    const float* da = a.d(r0, b);
+    const float* terms = a.t(r0, b);
     __m256i dot[G];
 #ifdef LH_AVX_VNNI
     for (int g = 0; g < G; ++g) dot[g] = _mm256_setzero_si256();
@@ -75,7 +70,7 @@ void half_tile(const Activations& a, int64_t r0, const uint8_t* panel, int half,
       const __m256i lo = QT == Q8_0 ? v : _mm256_and_si256(v, low4);
       const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
       for (int g = 0; g < G; ++g) {
-        const int32_t* x = aq[g] + b * (QK / 4);
+        const int32_t* x = aq + g * (QK / 4);
         dot[g] = _mm256_dpbusd_avx_epi32(dot[g], lo, _mm256_set1_epi32(x[j]));
         if constexpr (QT != Q8_0)  // high nibbles are elements 16 on
           dot[g] = _mm256_dpbusd_avx_epi32(dot[g], hi, _mm256_set1_epi32(x[j + 4]));
@@ -90,7 +85,7 @@ void half_tile(const Activations& a, int64_t r0, const uint8_t* panel, int half,
       const __m256i lo = _mm256_and_si256(v, low4);
       const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
       for (int g = 0; g < G; ++g) {
-        const int32_t* x = aq[g] + b * (QK / 4);
+        const int32_t* x = aq + g * (QK / 4);
         const __m256i xj = _mm256_set1_epi32(x[j]);
         lo16[g] = _mm256_add_epi16(lo16[g], _mm256_maddubs_epi16(lo, xj));
         if constexpr (QT == Q8_0)
@@ -109,7 +104,7 @@ void half_tile(const Activations& a, int64_t r0, const uint8_t* panel, int half,
 #endif
     __m256 dw, mw = _mm256_setzero_ps();
     half_scales<QT>(block, half, dw, mw);
-    for (int g = 0; g < G; ++g) acc[g] = accumulate<QT>(acc[g], dot[g], dw, mw, da[g][b], terms[g][b]);
+    for (int g = 0; g < G; ++g) acc[g] = accumulate<QT>(acc[g], dot[g], dw, mw, da[g], terms[g]);
   }
   const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(cols)),
                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -133,22 +128,17 @@ void full_tile(const Activations& a, int64_t r0, const uint8_t* panel, float* ou
   const int64_t nb = a.nb;
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
-  const int32_t* aq[G];
-  const float* da[G];
-  const float* terms[G];
-  const int32_t* sums[G];
   alignas(32) float acc[G][PANEL];
-  for (int g = 0; g < G; ++g) {
-    aq[g] = reinterpret_cast<const int32_t*>(a.q(r0 + g));
-    da[g] = a.d(r0 + g);
-    terms[g] = a.t(r0 + g);
-    sums[g] = a.s(r0 + g);
+  for (int g = 0; g < G; ++g)
     for (int l = 0; l < PANEL; ++l) acc[g][l] = 0.f;
-  }
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* block = panel + b * PANEL * f.block_bytes;
     prefetch_panel(block, PANEL * f.block_bytes);
     const uint8_t* quants = block + f.scale_bytes();
+    const int32_t* aq = reinterpret_cast<const int32_t*>(a.q(r0, b));  // row g's at aq + 8g
+    const float* da = a.d(r0, b);
+    const float* terms = a.t(r0, b);
+    const int32_t* sums = a.s(r0, b);
     __m256i dot[G][2];  // per row and half: int16 pair sums (Q4), int32 sums (Q8)
     for (int g = 0; g < G; ++g) dot[g][0] = dot[g][1] = _mm256_setzero_si256();
 #pragma GCC unroll 8
@@ -165,7 +155,7 @@ void full_tile(const Activations& a, int64_t r0, const uint8_t* panel, float* ou
         }
       }
       for (int g = 0; g < G; ++g) {
-        const int32_t* x = aq[g] + b * (QK / 4);
+        const int32_t* x = aq + g * (QK / 4);
         const __m256i xj = _mm256_set1_epi32(x[j]);
         if constexpr (QT == Q8_0) {
           for (int h = 0; h < 2; ++h) {
@@ -187,10 +177,10 @@ void full_tile(const Activations& a, int64_t r0, const uint8_t* panel, float* ou
       half_scales<QT>(block, h, dw, mw);
       for (int g = 0; g < G; ++g) {
         const __m256i d = QT == Q8_0
-            ? _mm256_add_epi32(dot[g][h], _mm256_set1_epi32(128 * sums[g][b]))
+            ? _mm256_add_epi32(dot[g][h], _mm256_set1_epi32(128 * sums[g]))
             : _mm256_madd_epi16(dot[g][h], ones);
         _mm256_store_ps(acc[g] + HALF * h, accumulate<QT>(_mm256_load_ps(acc[g] + HALF * h), d,
-                                                          dw, mw, da[g][b], terms[g][b]));
+                                                          dw, mw, da[g], terms[g]));
       }
     }
   }

@@ -41,17 +41,9 @@ void tile(const Activations& a, int64_t r0, const uint8_t* panel, float* out, in
   constexpr int NV = 8;  // quant vectors per block after unpacking: vector j = elements 4j..4j+3
   const int64_t nb = a.nb;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const int32_t* aq[R];
-  const float* da[R];
-  const float* terms[R];
   __m512 acc[R];
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    aq[r] = reinterpret_cast<const int32_t*>(a.q(r0 + r));
-    da[r] = a.d(r0 + r);
-    terms[r] = a.t(r0 + r);
-    acc[r] = _mm512_setzero_ps();
-  }
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* block = panel + b * PANEL * f.block_bytes;
     prefetch_panel(block, PANEL * f.block_bytes);
@@ -69,18 +61,21 @@ void tile(const Activations& a, int64_t r0, const uint8_t* panel, float* out, in
         w[j + NV / 2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
       }
     }
+    // row r's activation quants of this block: x[r*8 + j] holds elements 4j..4j+3
+    const int32_t* x = reinterpret_cast<const int32_t*>(a.q(r0, b));
+    const float* da = a.d(r0, b);
+    const float* terms = a.t(r0, b);
     if constexpr (R < 4) {
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        const int32_t* x = aq[r] + b * (QK / 4);
         // few rows: two shorter dependency chains keep the ports busy
         __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
 #pragma GCC unroll 8
         for (int j = 0; j < NV; j += 2) {
-          even = _mm512_dpbusd_epi32(even, w[j], _mm512_set1_epi32(x[j]));
-          odd = _mm512_dpbusd_epi32(odd, w[j + 1], _mm512_set1_epi32(x[j + 1]));
+          even = _mm512_dpbusd_epi32(even, w[j], _mm512_set1_epi32(x[r * NV + j]));
+          odd = _mm512_dpbusd_epi32(odd, w[j + 1], _mm512_set1_epi32(x[r * NV + j + 1]));
         }
-        acc[r] = accumulate<QT>(acc[r], _mm512_add_epi32(even, odd), scales, da[r][b], terms[r][b]);
+        acc[r] = accumulate<QT>(acc[r], _mm512_add_epi32(even, odd), scales, da[r], terms[r]);
       }
     } else {  // rows side by side: R independent chains, each one step at a time
       __m512i dot[R];
@@ -90,9 +85,9 @@ void tile(const Activations& a, int64_t r0, const uint8_t* panel, float* out, in
       for (int j = 0; j < NV; ++j)
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r)
-          dot[r] = _mm512_dpbusd_epi32(dot[r], w[j], _mm512_set1_epi32(aq[r][b * (QK / 4) + j]));
+          dot[r] = _mm512_dpbusd_epi32(dot[r], w[j], _mm512_set1_epi32(x[r * NV + j]));
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) acc[r] = accumulate<QT>(acc[r], dot[r], scales, da[r][b], terms[r][b]);
+      for (int r = 0; r < R; ++r) acc[r] = accumulate<QT>(acc[r], dot[r], scales, da[r], terms[r]);
     }
   }
   const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
