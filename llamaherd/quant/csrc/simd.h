@@ -23,6 +23,10 @@ inline Lanes load_lanes(const c10::Half* x) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
 }
 inline void store_lanes(float* x, Lanes v) { _mm512_storeu_ps(x, v); }
+inline void store_lanes(c10::Half* x, Lanes v) {  // rounded to nearest even, as c10::Half(float)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(x),
+                      _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 inline Lanes splat(float v) { return _mm512_set1_ps(v); }
 inline Lanes add(Lanes a, Lanes b) { return _mm512_add_ps(a, b); }
 inline Lanes sub(Lanes a, Lanes b) { return _mm512_sub_ps(a, b); }
@@ -38,6 +42,7 @@ inline Lanes round_lanes(Lanes x) {
 }
 inline Lanes scale_pow2(Lanes p, Lanes n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
 inline Lanes lane_max(Lanes a, Lanes b) { return _mm512_max_ps(a, b); }
+inline Lanes swap_pairs(Lanes x) { return _mm512_permute_ps(x, 0xB1); }  // lanes 1 0 3 2 ...
 inline float reduce_add(Lanes v) { return _mm512_reduce_add_ps(v); }
 inline float reduce_max(Lanes v) { return _mm512_reduce_max_ps(v); }
 // e where x is a logit a constraint allows, 0 where it is -inf
@@ -54,6 +59,10 @@ inline Lanes load_lanes(const c10::Half* x) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
 }
 inline void store_lanes(float* x, Lanes v) { _mm256_storeu_ps(x, v); }
+inline void store_lanes(c10::Half* x, Lanes v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(x),
+                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 inline Lanes splat(float v) { return _mm256_set1_ps(v); }
 inline Lanes add(Lanes a, Lanes b) { return _mm256_add_ps(a, b); }
 inline Lanes sub(Lanes a, Lanes b) { return _mm256_sub_ps(a, b); }
@@ -79,6 +88,7 @@ inline Lanes scale_pow2(Lanes p, Lanes n) {
   return mul(mul(p, pow2(k1)), pow2(k2));
 }
 inline Lanes lane_max(Lanes a, Lanes b) { return _mm256_max_ps(a, b); }
+inline Lanes swap_pairs(Lanes x) { return _mm256_permute_ps(x, 0xB1); }
 inline float reduce_max(Lanes v) {
   alignas(32) float lanes[LANES];
   _mm256_store_ps(lanes, v);
