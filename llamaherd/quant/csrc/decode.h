@@ -72,21 +72,31 @@ inline Lanes sum_lanes(const Lanes* v) {
 constexpr int VALUE_HEADS = 2;  // of 16 registers
 #endif
 
-// The scores of the whole blocks of LANES keys; returns how many keys that was.
+// The scores of all n keys, LANES at a time (a last partial block padded with zero keys).
 template <int D, typename T>
-int64_t head_scores_blocked(const float* q, int64_t heads, const T* keys, const T* values,
-                            int64_t n, float scale, float* s) {
+void head_scores_blocked(const float* q, int64_t heads, const T* keys, const T* values,
+                         int64_t n, float scale, float* s) {
   constexpr int C = D / LANES;
   alignas(64) float block[LANES * D];  // LANES keys as floats
+  alignas(64) float last[LANES];       // a partial block's scores
   const Lanes sv = splat(scale);
-  int64_t j0 = 0;
-  for (; j0 + LANES <= n; j0 += LANES) {
+  for (int64_t j0 = 0; j0 < n; j0 += LANES) {
+    const int64_t valid = std::min<int64_t>(LANES, n - j0);  // keys in this block
     const T* kb = keys + j0 * D;
     prefetch_row(kb + LANES * D, LANES * D);  // the next block, and its values for head_values
     prefetch_row(values + (j0 + LANES) * D, LANES * D);
+    if (valid == LANES) {
 #pragma GCC unroll 16
-    for (int i = 0; i < LANES * C; ++i) store_lanes(block + LANES * i, load_lanes(kb + LANES * i));
+      for (int i = 0; i < LANES * C; ++i) store_lanes(block + LANES * i, load_lanes(kb + LANES * i));
+    } else {  // rows past n are not read: they may lie past the cache
+      for (int i = 0; i < LANES * C; ++i)
+        store_lanes(block + LANES * i, i / C < valid ? load_lanes(kb + LANES * i) : splat(0.f));
+    }
     for (int64_t h = 0; h < heads; ++h) {
+      // the keys are read from `block` by each head's multiply-adds: without this barrier the
+      // compiler hoists all LANES * C key vectors out of the loop and, short of registers,
+      // copies them to another place on the stack every block
+      asm volatile("" ::: "memory");
       const float* qh = q + h * D;
       Lanes acc[LANES];
 #pragma GCC unroll 16
@@ -96,10 +106,15 @@ int64_t head_scores_blocked(const float* q, int64_t heads, const T* keys, const 
 #pragma GCC unroll 8
         for (int c = 1; c < C; ++c) acc[i] = fmadd(load_lanes(qh + LANES * c), load_lanes(key + LANES * c), acc[i]);
       }
-      store_lanes(s + h * n + j0, mul(sum_lanes(acc), sv));
+      const Lanes scores = mul(sum_lanes(acc), sv);
+      if (valid == LANES) {
+        store_lanes(s + h * n + j0, scores);
+      } else {
+        store_lanes(last, scores);
+        std::copy_n(last, valid, s + h * n + j0);
+      }
     }
   }
-  return j0;
 }
 
 // Output rows in registers: VALUE_HEADS heads x 4 vectors of their rows a pass.
@@ -142,12 +157,11 @@ void head_values_blocked(const float* p, int64_t heads, const T* values, int64_t
 template <typename T>
 void head_scores(const float* q, int64_t heads, const T* keys, const T* values, int64_t n,
                  int64_t D, float scale, float* s) {
-  int64_t j = 0;  // the keys done in blocks; the rest one by one
 #ifdef LH_LANES
-  if (D == 64) j = head_scores_blocked<64>(q, heads, keys, values, n, scale, s);
-  if (D == 128) j = head_scores_blocked<128>(q, heads, keys, values, n, scale, s);
+  if (D == 64) return head_scores_blocked<64>(q, heads, keys, values, n, scale, s);
+  if (D == 128) return head_scores_blocked<128>(q, heads, keys, values, n, scale, s);
 #endif
-  for (; j < n; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     prefetch_row(keys + (j + AHEAD) * D, D);
     for (int64_t h = 0; h < heads; ++h) s[h * n + j] = dot(q + h * D, keys + j * D, D) * scale;
   }
