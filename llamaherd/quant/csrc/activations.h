@@ -5,7 +5,7 @@
 
 namespace {
 
-// Block-major: block b of row r lies at quants + (b*rows + r)*32 and its scale at scales[b*rows + r],
+// Block-major: block b of row r lies at quants + (b*rows + r)*32, its scale at scales[b*rows + r],
 // so one block of consecutive rows is contiguous. A tile then reaches all its rows of a block from
 // one pointer at constant offsets (a pointer per row spilled registers and doubled the instruction
 // count of the 8-row tile), and AMX loads them as one tile with a 32-byte stride.

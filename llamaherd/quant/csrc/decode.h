@@ -87,7 +87,8 @@ void head_scores_blocked(const float* q, int64_t heads, const T* keys, const T* 
     prefetch_row(values + (j0 + LANES) * D, LANES * D);
     if (valid == LANES) {
 #pragma GCC unroll 16
-      for (int i = 0; i < LANES * C; ++i) store_lanes(block + LANES * i, load_lanes(kb + LANES * i));
+      for (int i = 0; i < LANES * C; ++i)
+        store_lanes(block + LANES * i, load_lanes(kb + LANES * i));
     } else {  // rows past n are not read: they may lie past the cache
       for (int i = 0; i < LANES * C; ++i)
         store_lanes(block + LANES * i, i / C < valid ? load_lanes(kb + LANES * i) : splat(0.f));
