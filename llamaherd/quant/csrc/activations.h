@@ -27,8 +27,9 @@ struct Activations {
 // Row r of x into a's blocks (a sized for its rows and blocks).
 void quantize_row(const float* x, int64_t r, float coef, Activations& a) {
   for (int64_t b = 0; b < a.nb; ++b) {
+    const int64_t at = b * a.rows + r;  // row r's block b: its scale's index, its quants' at 32x
     const float* xb = x + b * QK;
-    int8_t* qb = a.quants.data() + (b * a.rows + r) * QK;
+    int8_t* qb = a.quants.data() + at * QK;
     int32_t total = 0;
     float amax;
 #ifdef LH_AVX512
@@ -77,7 +78,6 @@ void quantize_row(const float* x, int64_t r, float coef, Activations& a) {
       total += v;
     }
 #endif
-    const int64_t at = b * a.rows + r;
     a.scales[at] = amax / 127.f;
     a.terms[at] = coef * a.scales[at] * static_cast<float>(total);
     a.sums[at] = total;
