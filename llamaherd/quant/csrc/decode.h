@@ -194,15 +194,7 @@ void attend_group(const float* q, int64_t heads, const T* keys, const T* values,
   for (int64_t h = 0; h < heads; ++h) {  // softmax of each head's scores
     float* e = scores.data() + h * n;
     const int64_t m = seen == nullptr ? n : seen[h];
-    const float top = row_max(e, m);
-    float total = 0.f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < m; ++j) {
-      e[j] = expf(e[j] - top);
-      total += e[j];
-    }
-    const float inv = 1.f / total;
-    for (int64_t j = 0; j < m; ++j) e[j] *= inv;
+    softmax_row(e, m);
     std::fill(e + m, e + n, 0.f);
   }
   head_values(scores.data(), heads, values, n, D, out);
