@@ -55,6 +55,11 @@
 #define LH_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
+// LH_AMX_BF16 adds AMX-BF16 (Sapphire Rapids on) for matmuls of many rows (prefill): weights
+// dequantized to bfloat16 a panel at a time, activations rounded to bfloat16 (see tile_amx.h).
+#if defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define LH_AMX_BF16 1
+#endif
 #endif
 
 #if defined(__GLIBC__) && defined(__x86_64__)

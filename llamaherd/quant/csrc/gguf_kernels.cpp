@@ -18,7 +18,9 @@
 namespace {
 
 std::string simd() {
-#if defined(LH_AMX)
+#if defined(LH_AMX_BF16)
+  return amx_ready() ? "avx512_vnni+amx+bf16" : "avx512_vnni";
+#elif defined(LH_AMX)
   return amx_ready() ? "avx512_vnni+amx" : "avx512_vnni";
 #elif defined(LH_AVX512)
   return "avx512_vnni";
@@ -28,6 +30,14 @@ std::string simd() {
   return "avx2";
 #else
   return "scalar";
+#endif
+}
+
+int64_t bf16_min_rows() {
+#if defined(LH_AMX_BF16)
+  return amx_ready() ? BF16_MIN_ROWS : 0;
+#else
+  return 0;
 #endif
 }
 
@@ -51,6 +61,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &attention, nogil,
         "causal attention of queries float32 [B, T, H, D] over their cache rows, positions [B, T]");
   m.def("simd", &simd, "the instruction set the kernels were compiled for");
+  m.def("bf16_min_rows", &bf16_min_rows,
+        "rows from which matmuls take AMX-BF16 (bfloat16 products), 0 where they never do");
   py::class_<Decoder>(m, "Decoder", "every layer of a packed model for one new token per sequence")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, torch::Tensor>(),
            py::arg("dim"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"),

@@ -73,6 +73,20 @@ void matmul_into(const float* x, int64_t rows, const torch::Tensor& w, int64_t q
                  float* out) {
   const Format f = format_of(qtype);
   const int64_t nb = w.size(1) / f.block_bytes;
+#ifdef LH_AMX_BF16
+  if (bf16_pays(rows)) {
+    thread_local std::vector<uint16_t> xb;
+    round_rows_bf16(x, rows, nb * QK, xb);
+    const uint16_t* rounded = xb.data();  // (a worker thread naming xb would find its own)
+    const int64_t panels = (n + PANEL - 1) / PANEL;
+    return dispatch(qtype, [&](auto qt) {
+      at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+        bf16_panels<decltype(qt)::value>(rounded, rows, nb * QK, w.data_ptr<uint8_t>(), n, p0,
+                                         p1, out);
+      });
+    });
+  }
+#endif
   thread_local Activations a;
   quantize_activations(x, rows, nb, f.has_min ? 1.f : f.min_coef, a);
   dispatch(qtype, [&](auto qt) {

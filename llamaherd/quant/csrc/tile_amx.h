@@ -181,6 +181,194 @@ void amx_panels(const Activations& a, const uint8_t* w, int64_t n, int64_t p0, i
   _tile_release();
 }
 
+// ---------------------------------------------------------------------------------------------
+// AMX-BF16: many activation rows (prefill), the whole K in one accumulation
+//
+// The integer tiles above must store and scale every block's dots on their own (each block has
+// its own scales), which bounds them at ~80 multiply-adds a cycle, little more than VNNI. With
+// TDPBF16PS the scales go into the weights instead: a panel's blocks are dequantized once to
+// bfloat16 (d*q + m in float, rounded), the activations are rounded to bfloat16 once, and C tiles
+// sum all K products in float32 with no epilogue but the final store. The dequantization costs
+// about as much as 5 tile multiplies a block, so it pays from BF16_MIN_ROWS rows on. Results
+// differ from the integer paths (bfloat16 keeps 8 bits of each weight and activation; the
+// integer paths keep every weight bit but round activations to 8-bit blocks): tested against a
+// bfloat16 emulation and against the float32 reference.
+#ifdef LH_AMX_BF16
+
+constexpr int64_t BF16_MIN_ROWS = 64;
+constexpr int64_t BF16_TILE = 512;  // bfloat16s in one block's B tile: 16 pairs of k x 16 panel rows
+
+inline bool bf16_pays(int64_t rows) { return rows >= BF16_MIN_ROWS && amx_ready(); }
+
+// Tiles 0-3: C (16 x 16 floats); 4, 5: A (16 rows x 32 bfloat16s); 6, 7: B (16 x 32 bfloat16s).
+void configure_bf16_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.bytes_per_row[t] = 64;
+    config.rows[t] = 16;
+  }
+  _tile_loadconfig(&config);
+}
+
+// x [rows, K] float -> [rows rounded up to 16, K] bfloat16 (round to nearest even), zero rows after.
+void round_rows_bf16(const float* x, int64_t rows, int64_t K, std::vector<uint16_t>& out) {
+  const int64_t padded = (rows + PANEL - 1) / PANEL * PANEL;
+  out.resize(padded * K);
+  at::parallel_for(0, padded, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      uint16_t* o = out.data() + r * K;
+      if (r >= rows) {
+        std::fill_n(o, K, 0);
+        continue;
+      }
+      for (int64_t k = 0; k < K; k += 32) {
+        const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + r * K + k + 16),
+                                               _mm512_loadu_ps(x + r * K + k));
+        _mm512_storeu_si512(o + k, reinterpret_cast<const __m512i&>(v));
+      }
+    }
+  });
+}
+
+// A panel's blocks as B tiles (nb * BF16_TILE bfloat16s at out): row 2j + h of block b's tile holds,
+// for panel rows n = 0..15, the weights 4j + 2h and 4j + 2h + 1 of the block, d*q + m rounded.
+// Quant vector j (as the VNNI tile unpacks it) holds weights 4j..4j+3 of each panel row, so its
+// float vectors g = 0..3 hold panel rows 4g..4g+3, and two of them rounded together interleave to
+// the tile's rows 2j and 2j + 1 with one two-source permute each.
+template <int64_t QT>
+void dequantize_panel_bf16(const uint8_t* panel, int64_t nb, uint16_t* out) {
+  constexpr Format f = format_for<QT>();
+  __m512i spread[4];  // lane l of float vector g is panel row 4g + l/4
+  for (int g = 0; g < 4; ++g) {
+    alignas(64) int32_t idx[16];
+    for (int l = 0; l < 16; ++l) idx[l] = 4 * g + l / 4;
+    spread[g] = _mm512_load_si512(idx);
+  }
+  alignas(64) int32_t even_idx[16], odd_idx[16];
+  for (int l = 0; l < 16; ++l) {
+    even_idx[l] = 2 * (l % 8) + 16 * (l / 8);
+    odd_idx[l] = even_idx[l] + 1;
+  }
+  const __m512i even = _mm512_load_si512(even_idx), odd = _mm512_load_si512(odd_idx);
+  const __m512i low4 = _mm512_set1_epi32(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* block = panel + b * PANEL * f.block_bytes;
+    const BlockScales s = block_scales<QT>(block);
+    const __m512 c = f.has_min ? s.m : _mm512_mul_ps(s.d, _mm512_set1_ps(f.min_coef));
+    __m512 d[4], m[4];
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      d[g] = _mm512_permutexvar_ps(spread[g], s.d);
+      m[g] = _mm512_permutexvar_ps(spread[g], c);
+    }
+    const uint8_t* quants = block + f.scale_bytes();
+    uint16_t* tile = out + b * BF16_TILE;
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      __m512 w[4];
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        __m512i u;
+        if constexpr (QT == Q8_0) {
+          u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(quants + 64 * j + 16 * g)));
+        } else {  // vectors 0-3: low nibbles of the stored vectors, 4-7: their high nibbles
+          const __m512i raw = _mm512_cvtepu8_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(quants + 64 * (j % 4) + 16 * g)));
+          u = j < 4 ? _mm512_and_si512(raw, low4) : _mm512_srli_epi32(raw, 4);
+        }
+        w[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), d[g], m[g]);
+      }
+      const __m512bh lo = _mm512_cvtne2ps_pbh(w[1], w[0]), hi = _mm512_cvtne2ps_pbh(w[3], w[2]);
+      const __m512i l = reinterpret_cast<const __m512i&>(lo), h = reinterpret_cast<const __m512i&>(hi);
+      _mm512_storeu_si512(tile + 64 * j, _mm512_permutex2var_epi32(l, even, h));
+      _mm512_storeu_si512(tile + 64 * j + 32, _mm512_permutex2var_epi32(l, odd, h));
+    }
+  }
+  asm volatile("" ::: "memory");  // tileloadd's asm does not tell the compiler it reads memory
+}
+
+// C tile C (16 x 16 floats) to `to`, rows `stride` floats apart. (The tile number is part of the
+// instruction, so each is spelled out.)
+template <int C>
+inline void tile_store(float* to, int64_t stride) {
+  if constexpr (C == 0) _tile_stored(0, to, stride * 4);
+  else if constexpr (C == 1) _tile_stored(1, to, stride * 4);
+  else if constexpr (C == 2) _tile_stored(2, to, stride * 4);
+  else _tile_stored(3, to, stride * 4);
+}
+
+// C tile C into out (rows ldo floats apart; rows_left rows and cols columns of it are inside):
+// straight from the tile when all of it is inside, else through a buffer.
+template <int C>
+inline void store_c(float* out, int64_t ldo, int64_t rows_left, int64_t cols) {
+  if (rows_left >= 16 && cols == PANEL) return tile_store<C>(out, ldo);
+  alignas(64) float c[16 * PANEL];
+  tile_store<C>(c, PANEL);
+  asm volatile("" ::: "memory");
+  for (int64_t r = 0; r < std::min<int64_t>(16, rows_left); ++r)
+    std::copy_n(c + r * PANEL, cols, out + r * ldo);
+}
+
+// NR x 16 rows (from r0) x NP panels (from p) of out, from the rounded activations xb [.., K] and
+// the panels' B tiles (NP * nb tiles at tiles).
+template <int NR, int NP>
+void bf16_tile(const uint16_t* xb, int64_t K, int64_t rows, int64_t r0, const uint16_t* tiles,
+               int64_t p, int64_t n, float* out) {
+  const int64_t nb = K / QK;
+  _tile_zero(0);
+  if constexpr (NP == 2) _tile_zero(1);
+  if constexpr (NR == 2) _tile_zero(2);
+  if constexpr (NR == 2 && NP == 2) _tile_zero(3);
+  for (int64_t b = 0; b < nb; ++b) {
+    _tile_loadd(4, xb + r0 * K + b * QK, K * 2);
+    _tile_loadd(6, tiles + b * BF16_TILE, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NP == 2) {
+      _tile_loadd(7, tiles + (nb + b) * BF16_TILE, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (NR == 2) {
+      _tile_loadd(5, xb + (r0 + 16) * K + b * QK, K * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NP == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  const int64_t cols0 = std::min(PANEL, n - p * PANEL);
+  float* o = out + r0 * n + p * PANEL;
+  store_c<0>(o, n, rows - r0, cols0);
+  if constexpr (NP == 2) store_c<1>(o + PANEL, n, rows - r0, std::min(PANEL, n - (p + 1) * PANEL));
+  if constexpr (NR == 2) store_c<2>(o + 16 * n, n, rows - r0 - 16, cols0);
+  if constexpr (NR == 2 && NP == 2)
+    store_c<3>(o + 16 * n + PANEL, n, rows - r0 - 16, std::min(PANEL, n - (p + 1) * PANEL));
+}
+
+// Panels p0..p1-1 of out [rows, n] = x @ W^T, x rounded to xb (round_rows_bf16): two panels and
+// 32 rows a pass (four C tiles, each A and B tile used twice).
+template <int64_t QT>
+void bf16_panels(const uint16_t* xb, int64_t rows, int64_t K, const uint8_t* w, int64_t n,
+                 int64_t p0, int64_t p1, float* out) {
+  constexpr Format f = format_for<QT>();
+  const int64_t nb = K / QK, panel_bytes = PANEL * nb * f.block_bytes;
+  thread_local std::vector<uint16_t> tiles;
+  tiles.resize(2 * nb * BF16_TILE);
+  configure_bf16_tiles();
+  for (int64_t p = p0; p < p1; p += 2) {
+    const bool two = p + 1 < p1;
+    dequantize_panel_bf16<QT>(w + p * panel_bytes, nb, tiles.data());
+    if (two) dequantize_panel_bf16<QT>(w + (p + 1) * panel_bytes, nb, tiles.data() + nb * BF16_TILE);
+    for (int64_t r0 = 0; r0 < rows; r0 += 32) {
+      const bool pair = r0 + 16 < rows;
+      if (pair && two) bf16_tile<2, 2>(xb, K, rows, r0, tiles.data(), p, n, out);
+      else if (pair) bf16_tile<2, 1>(xb, K, rows, r0, tiles.data(), p, n, out);
+      else if (two) bf16_tile<1, 2>(xb, K, rows, r0, tiles.data(), p, n, out);
+      else bf16_tile<1, 1>(xb, K, rows, r0, tiles.data(), p, n, out);
+    }
+  }
+  _tile_release();
+}
+
+#endif  // LH_AMX_BF16
+
 }  // namespace
 
 #endif  // LH_AMX
