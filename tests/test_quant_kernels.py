@@ -58,6 +58,23 @@ def activations_as_kernels_see_them(x: torch.Tensor) -> torch.Tensor:
     return (q * (amax / 127)).reshape(x.shape)
 
 
+def bf16_path(rows: int, bf16_min_rows: int | None = None) -> bool:
+    """Whether a build whose bf16_min_rows() is this (default: the native build's) multiplies
+    `rows` activation rows with AMX-BF16 (bfloat16 products) rather than 8-bit integer dots."""
+    if bf16_min_rows is None:
+        bf16_min_rows = kernels.load().bf16_min_rows()
+    return 0 < bf16_min_rows <= rows
+
+
+def as_kernels_compute(x: torch.Tensor, w: torch.Tensor,
+                       bf16_min_rows: int | None = None) -> torch.Tensor:
+    """x @ w.T with the rounding of the kernels' path for x's row count (see bf16_path): the
+    activations in 8-bit blocks, or activations and weights in bfloat16; summed in float64."""
+    if bf16_path(x.shape[0], bf16_min_rows):
+        return (x.bfloat16().double() @ w.bfloat16().double().T).float()
+    return (activations_as_kernels_see_them(x).double() @ w.double().T).float()
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(),
                                                  dim=0).item()
@@ -66,7 +83,8 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_kernels_are_built_for_this_machine():
     assert kernels.available(), ("the GGUF C++ kernels failed to build or load: run "
                                  "`.venv/bin/python -m llamaherd.quant.kernels -v` to see why")
-    assert kernels.load().simd() in {"avx512_vnni+amx", "avx512_vnni", "avx_vnni", "avx2", "scalar"}
+    assert kernels.load().simd() in {"avx512_vnni+amx+bf16", "avx512_vnni+amx", "avx512_vnni",
+                                     "avx_vnni", "avx2", "scalar"}
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
@@ -92,10 +110,11 @@ def test_kernel_matmul_matches_reference(qtype, shape, rows):
     x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows))
     y = GGUFLinear(data, qtype, in_f, out_f, kernels=True)(x)
     assert y.shape == (rows, out_f) and y.dtype == torch.float32
-    # Exact up to float32 rounding once the activations are quantized the kernels' way ...
-    emulated = (activations_as_kernels_see_them(x).double() @ w.double().T).float()
+    # Exact up to float32 rounding once rounded the kernels' way (8-bit activation blocks, or
+    # bfloat16 activations and weights on the AMX-BF16 path) ...
+    emulated = as_kernels_compute(x, w)
     assert (y - emulated).abs().max() < 3e-5 * emulated.abs().mean()
-    # ... and close to the float matmul: 8-bit activations cost about 1e-2 relative error.
+    # ... and close to the float matmul: either rounding costs about 1e-2 relative error.
     exact = x @ w.T
     assert cosine(y, exact) > 0.9999
     assert (y - exact).abs().max() < 0.1 * exact.abs().mean()
@@ -278,11 +297,13 @@ def test_without_kernels_layers_fall_back_with_a_warning():
 # 16 or more rows with AMX, the "avx512" build is the same code without it.
 CPU_FLAGS = set(kernels._cpu_features().split())
 AMX_CPU = {"amx_tile", "amx_int8"} <= CPU_FLAGS
-VARIANTS = [isa for isa in ("amx", "avx512", "avx2", "avx_vnni", "scalar")
+VARIANTS = [isa for isa in ("amx_bf16", "amx", "avx512", "avx2", "avx_vnni", "scalar")
             if kernels.ISA_CPU_FLAGS.get(isa, set()) <= CPU_FLAGS]
-VARIANT_SIMD = {"amx": "avx512_vnni+amx", "avx512": "avx512_vnni"}  # simd() where not the ISA name
+VARIANT_SIMD = {"amx_bf16": "avx512_vnni+amx+bf16", "amx": "avx512_vnni+amx",
+                "avx512": "avx512_vnni"}  # simd() where not the ISA name
 VARIANT_SHAPES = [(576, 577), (1536, 40), (64, 5)]  # (in, out): odd, tail-panel and 1-panel rows
-VARIANT_ROWS = [1, 3, 8, 16, 17, 65, 512]  # AMX from 16 rows, in groups of 16 and a tail group
+# AMX-INT8 from 16 rows, in groups of 16 and a tail group; AMX-BF16 from 64
+VARIANT_ROWS = [1, 3, 8, 16, 17, 63, 65, 512]
 
 VARIANT_SCRIPT = """
 import sys, torch
@@ -308,8 +329,9 @@ if len(sys.argv) > 3:  # a packed model's decode steps, fused and layer by layer
             decode[fast] = torch.stack([model(torch.tensor([[9 + t], [20 + t]]),
                                               torch.tensor([[4 + t], [4 + 2 * t]]), rows)[:, -1]
                                         for t in range(3)])
-torch.save({"simd": kernels.load().simd(), "outputs": outputs, "decode": decode, "draw": drawn,
-            "attention": attended}, sys.argv[2])
+torch.save({"simd": kernels.load().simd(), "bf16_min_rows": kernels.load().bf16_min_rows(),
+            "outputs": outputs, "decode": decode, "draw": drawn, "attention": attended},
+           sys.argv[2])
 """
 
 
@@ -331,7 +353,8 @@ def test_native_build_uses_amx_exactly_where_the_cpu_has_it():
     """On an AMX-INT8 CPU the native build multiplies with AMX tiles (so the "avx512" variant's
     test below compares AMX with AVX512-VNNI); elsewhere simd() must not claim AMX."""
     if AMX_CPU:
-        assert kernels.load().simd() == "avx512_vnni+amx", (
+        bf16 = {"amx_bf16", "avx512_bf16"} <= CPU_FLAGS  # AMX-BF16 too (Sapphire Rapids on)
+        assert kernels.load().simd() == "avx512_vnni+amx" + "+bf16" * bf16, (
             "this CPU has AMX-INT8 but the native kernels do not use it: the compiler must define "
             "__AMX_TILE__/__AMX_INT8__ for -march=native and Linux (5.16 on) must grant the tile state")
     else:
@@ -360,7 +383,8 @@ def test_amx_refused_at_run_time_falls_back_to_vnni(tmp_path):
     x = torch.randn(32, 576)
     result = run_variant([{"data": data, "qtype": int(T.Q4_1), "shape": (576, 40), "x": x}],
                          tmp_path, LLAMAHERD_NO_AMX="1")
-    assert result["simd"] == kernels.load().simd().removesuffix("+amx")
+    assert result["simd"] == kernels.load().simd().split("+amx")[0]
+    assert result["bf16_min_rows"] == 0  # no AMX-BF16 either
     assert torch.equal(result["outputs"][0], GGUFLinear(data, T.Q4_1, 576, 40)(x))
 
 
@@ -368,8 +392,9 @@ def test_amx_refused_at_run_time_falls_back_to_vnni(tmp_path):
 def test_instruction_set_variant_matches_native_kernels(isa, tmp_path):
     """Build the kernels for `isa` in a subprocess; the token draw must pick the expected tokens,
     and every type, shape and batch size must give
-    the native build's results (bit for bit for the vector and AMX paths, which compute the same
-    integer dots and then the same float ops) and the dequantized float32 reference's."""
+    the native build's results (bit for bit for the vector and AMX-INT8 paths, which compute the
+    same integer dots and then the same float ops; and where both builds take AMX-BF16) and the
+    dequantized float32 reference's, rounded as the path rounds."""
     cases = []
     for qtype in KERNEL_TYPES:
         for in_f, out_f in VARIANT_SHAPES:
@@ -398,9 +423,13 @@ def test_instruction_set_variant_matches_native_kernels(isa, tmp_path):
         label = f"{qtype.name} {in_f}->{out_f}, {x.shape[0]} rows"
         assert y.shape == native.shape, label
         w = reference(data.numpy(), qtype)
-        emulated = (activations_as_kernels_see_them(x).double() @ w.double().T).float()
+        rows = x.shape[0]
+        emulated = as_kernels_compute(x, w, result["bf16_min_rows"])
         assert (y - emulated).abs().max() < 3e-5 * emulated.abs().mean(), label
-        if isa != "scalar" and kernels.load().simd() != "scalar":
+        if bf16_path(rows, result["bf16_min_rows"]) != bf16_path(rows):
+            # one build rounds to bfloat16, the other to 8-bit activations (each checked above)
+            assert cosine(y, native) > 0.9999, label
+        elif isa != "scalar" and kernels.load().simd() != "scalar":
             assert torch.equal(y, native), label
         else:  # the scalar code sums each row's blocks in another order
             assert (y - native).abs().max() < 3e-5 * emulated.abs().mean(), label

@@ -30,6 +30,9 @@ LDFLAGS = ("-fopenmp",)
 ISA_FLAGS = {  # LLAMAHERD_KERNEL_ISA -> target flags; the C++ source picks its code path from them
     "native": ("-march=native",),
     "amx": ("-march=x86-64-v4", "-mavx512vnni", "-mamx-tile", "-mamx-int8"),  # + AMX-INT8 tiles
+    # + AMX-BF16 for matmuls of many rows (what -march=native gives on Sapphire Rapids)
+    "amx_bf16": ("-march=x86-64-v4", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mamx-bf16",
+                 "-mavx512bf16"),
     "avx512": ("-march=x86-64-v4", "-mavx512vnni"),
     "avx_vnni": ("-march=x86-64-v3", "-mavxvnni"),
     "avx2": ("-march=x86-64-v3",),  # AVX2, FMA, F16C: Haswell, Zen and later
@@ -39,6 +42,7 @@ _X86_64_V3 = {"avx2", "fma", "f16c", "bmi1", "bmi2", "abm", "movbe"}
 _AVX512 = _X86_64_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni"}
 ISA_CPU_FLAGS = {  # /proc/cpuinfo flags a CPU needs to run each fixed-ISA build
     "amx": _AVX512 | {"amx_tile", "amx_int8"},
+    "amx_bf16": _AVX512 | {"amx_tile", "amx_int8", "amx_bf16", "avx512_bf16"},
     "avx512": _AVX512,
     "avx_vnni": _X86_64_V3 | {"avx_vnni"},
     "avx2": _X86_64_V3,
