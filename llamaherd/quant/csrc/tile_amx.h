@@ -1,4 +1,4 @@
-// AMX-INT8 tiles for 16+ activation rows (needs tile_avx512.h's epilogue).
+// AMX tiles: AMX-INT8 for 16 to 63 activation rows (with tile_avx512.h's epilogue), AMX-BF16 from 64.
 #pragma once
 
 #include "tile_avx512.h"
