@@ -239,17 +239,12 @@ template <int64_t QT>
 void dequantize_panel_bf16(const uint8_t* panel, int64_t nb, uint16_t* out) {
   constexpr Format f = format_for<QT>();
   __m512i spread[4];  // lane l of float vector g is panel row 4g + l/4
-  for (int g = 0; g < 4; ++g) {
-    alignas(64) int32_t idx[16];
-    for (int l = 0; l < 16; ++l) idx[l] = 4 * g + l / 4;
-    spread[g] = _mm512_load_si512(idx);
-  }
-  alignas(64) int32_t even_idx[16], odd_idx[16];
-  for (int l = 0; l < 16; ++l) {
-    even_idx[l] = 2 * (l % 8) + 16 * (l / 8);
-    odd_idx[l] = even_idx[l] + 1;
-  }
-  const __m512i even = _mm512_load_si512(even_idx), odd = _mm512_load_si512(odd_idx);
+  for (int g = 0; g < 4; ++g)
+    spread[g] = _mm512_add_epi32(_mm512_set1_epi32(4 * g),
+                                 _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3));
+  // the pairs (dwords) of weights 4j, 4j+1 of panel rows 0..15, then those of 4j+2, 4j+3
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   const __m512i low4 = _mm512_set1_epi32(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* block = panel + b * PANEL * f.block_bytes;
