@@ -9,9 +9,9 @@ import torch
 from conftest import TINY, attention_case, make_tiny_model, reference_attention, rewrite_gguf
 
 import llamaherd
+from llamaherd import model as model_module
 from llamaherd.checkpoint import load_checkpoint
 from llamaherd.checkpoint.convert import write_gguf
-from llamaherd import model as model_module
 from llamaherd.model import Transformer
 
 
