@@ -7,7 +7,9 @@ streamed chat answers, llamaherd's server against llama-cpp-python's OpenAI serv
 
 Every stream asks for `--max-tokens` tokens of a long answer to its own question (numbered, so
 no prompt is answered from a cache: each is prefilled); tokens are counted from the server's
-usage report when it sends one, else one per content chunk. Results go to
+usage report when it sends one, else one per content chunk. Each server runs all levels
+`--rounds` times over (default 3) and each figure is the median of its rounds: one round of a
+level takes under a second here, and single rounds of the same level differ by several percent. Results go to
 bench/results/serve.json. llama-cpp-python is optional: without it (or its server extras) only
 llamaherd is measured, and the script says so.
 
@@ -109,20 +111,31 @@ async def level(url: str, model: str, streams: int, max_tokens: int, usage: bool
             "ttft_mean_s": statistics.fmean(ttfts), "ttft_max_s": max(ttfts)}
 
 
+METRICS = ("tokens", "wall_s", "tokens_per_s", "ttft_mean_s", "ttft_max_s")
+
+
+def medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One level's rounds as one row: the median of each figure."""
+    return {"streams": rows[0]["streams"], "rounds": len(rows),
+            **{key: statistics.median(r[key] for r in rows) for key in METRICS}}
+
+
 def measure(name: str, server: ServerProcess, levels: list[int], max_tokens: int,
-            usage: bool, warmup_timeout: float = 180.0,
-            system: str | None = None) -> list[dict[str, Any]]:
-    """Run every level against `server`; raises RuntimeError if it cannot answer a short warm-up
-    request within `warmup_timeout` seconds."""
+            usage: bool, warmup_timeout: float = 180.0, system: str | None = None,
+            rounds: int = 1) -> list[dict[str, Any]]:
+    """Run every level against `server` (all levels once, `rounds` times over; each figure the
+    median of its rounds); raises RuntimeError if it cannot answer a short warm-up request
+    within `warmup_timeout` seconds."""
     print(f"starting {name} ...", file=sys.stderr, flush=True)
+    runs: dict[int, list[dict[str, Any]]] = {n: [] for n in levels}
     with server:
         model = warm_up(name, server, usage, warmup_timeout, system)
-        out = []
-        for n in levels:
-            row = asyncio.run(level(server.url, model, n, max_tokens, usage, system))
-            show(name, row)
-            out.append(row)
-    return out
+        for _ in range(rounds):
+            for n in levels:
+                row = asyncio.run(level(server.url, model, n, max_tokens, usage, system))
+                show(name, row)
+                runs[n].append(row)
+    return [medians(runs[n]) for n in levels]
 
 
 def warm_up(name: str, server: ServerProcess, usage: bool, timeout: float,
@@ -205,11 +218,7 @@ def shared_prefix(model: str, levels: list[int], max_tokens: int, threads: int, 
                                             SYSTEM_PROMPT))
                     show(name, row)
                     runs[name][k].append(row)
-    results = {name: [{"streams": k, "rounds": rounds,
-                       **{key: statistics.median(r[key] for r in by_level[k])
-                          for key in ("tokens", "wall_s", "tokens_per_s", "ttft_mean_s",
-                                      "ttft_max_s")}} for k in levels]
-               for name, by_level in runs.items()}
+    results = {name: [medians(by_level[k]) for k in levels] for name, by_level in runs.items()}
     print(table(results))
     if save:
         PREFIX_RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -231,7 +240,7 @@ def main() -> None:
     ap.add_argument("--shared-prefix", action="store_true",
                     help="llamaherd with prefix caching on vs off, a ~400-token system prompt")
     ap.add_argument("--rounds", type=int, default=3,
-                    help="--shared-prefix: turns per level for each server (median reported)")
+                    help="times each level runs on each server (the median is reported)")
     args = ap.parse_args()
     levels = [1, 2] if args.smoke else [int(x) for x in args.levels.split(",")]
     max_tokens = 8 if args.smoke else args.max_tokens
@@ -244,7 +253,9 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {}
     ours = llamaherd_server(args.model, "--max-seqs", str(max(levels)), "--ctx-size", "1024",
                             threads=args.threads)
-    results["llamaherd"] = measure("llamaherd", ours, levels, max_tokens, usage=True)
+    rounds = 1 if args.smoke else args.rounds
+    results["llamaherd"] = measure("llamaherd", ours, levels, max_tokens, usage=True,
+                                   rounds=rounds)
     note = None
     if args.skip_llama_cpp:
         note = "llama-cpp-python skipped (--skip-llama-cpp)"
@@ -255,7 +266,7 @@ def main() -> None:
         else:
             try:
                 results["llama.cpp"] = measure("llama.cpp", other, levels, max_tokens,
-                                               usage=False)
+                                               usage=False, rounds=rounds)
             except RuntimeError as e:
                 note = f"llama-cpp-python's server failed: {e}"
     if note:
@@ -265,6 +276,7 @@ def main() -> None:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps({
             "model": args.model, "threads": args.threads, "max_tokens": max_tokens,
+            "rounds": rounds,
             "machine": platform.platform(), "python": platform.python_version(),
             "note": note, "results": results}, indent=2) + "\n")
         print(f"wrote {RESULTS}", file=sys.stderr)
