@@ -9,9 +9,9 @@ Every stream asks for `--max-tokens` tokens of a long answer to its own question
 no prompt is answered from a cache: each is prefilled); tokens are counted from the server's
 usage report when it sends one, else one per content chunk. Each server runs all levels
 `--rounds` times over (default 3) and each figure is the median of its rounds: one round of a
-level takes under a second here, and single rounds of the same level differ by several percent. Results go to
-bench/results/serve.json. llama-cpp-python is optional: without it (or its server extras) only
-llamaherd is measured, and the script says so.
+level takes under a second here, and single rounds of the same level differ by several percent.
+Results go to bench/results/serve.json. llama-cpp-python is optional: without it (or its server
+extras) only llamaherd is measured, and the script says so.
 
 The load generator shares the cores with the server it measures, so it is kept light: it reads
 the streams with aiohttp (whose HTTP parser is C), at about half the CPU per token of httpx's

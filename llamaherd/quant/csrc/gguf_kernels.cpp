@@ -4,7 +4,7 @@
 //   kquants.h      k-quant rows rewritten as kernel types
 //   activations.h  8-bit activation blocks
 //   simd.h         float vector helpers: dot, max, axpy, exp, SwiGLU
-//   tile_*.h       one tile per instruction set (AVX-512 VNNI, AMX-INT8 and AMX-BF16, AVX2, portable)
+//   tile_*.h       one tile per instruction set (AVX-512 VNNI, AMX-INT8, AMX-BF16, AVX2, scalar)
 //   matmul.h       matmuls over panels, RMSNorm, SwiGLU
 //   decode.h       attention over the KV cache, the fused decode step
 //   sampling.h     drawing tokens from softmax(logits / temperature)

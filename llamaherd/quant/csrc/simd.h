@@ -164,7 +164,7 @@ inline Lanes exp_lanes(Lanes x) {
 #endif
 
 // x[0..n) = softmax of x[0..n), in place. (Left to the compiler, the exponentials went through
-// glibc's 4-wide vector expf, a library call every 4 scores: a third of a decode step's attention.)
+// glibc's 4-wide vector expf, a library call every 4 scores: ~10% of a decode step's attention.)
 inline void softmax_row(float* x, int64_t n) {
   const float top = row_max(x, n);
   float total = 0.f;

@@ -1,4 +1,5 @@
-// AMX tiles: AMX-INT8 for 16 to 63 activation rows (with tile_avx512.h's epilogue), AMX-BF16 from 64.
+// AMX tiles: AMX-INT8 for 16 to 63 activation rows (with tile_avx512.h's epilogue), AMX-BF16
+// from 64.
 #pragma once
 
 #include "tile_avx512.h"
@@ -196,7 +197,8 @@ void amx_panels(const Activations& a, const uint8_t* w, int64_t n, int64_t p0, i
 #ifdef LH_AMX_BF16
 
 constexpr int64_t BF16_MIN_ROWS = 64;
-constexpr int64_t BF16_TILE = 512;  // bfloat16s in one block's B tile: 16 pairs of k x 16 panel rows
+// bfloat16s in one block's B tile: 16 pairs of k x 16 panel rows
+constexpr int64_t BF16_TILE = 512;
 
 inline bool bf16_pays(int64_t rows) { return rows >= BF16_MIN_ROWS && amx_ready(); }
 
@@ -210,7 +212,8 @@ void configure_bf16_tiles() {
   _tile_loadconfig(&config);
 }
 
-// x [rows, K] float -> [rows rounded up to 16, K] bfloat16 (round to nearest even), zero rows after.
+// x [rows, K] float -> [rows rounded up to 16, K] bfloat16 (round to nearest even), zero rows
+// after.
 void round_rows_bf16(const float* x, int64_t rows, int64_t K, std::vector<uint16_t>& out) {
   const int64_t padded = (rows + PANEL - 1) / PANEL * PANEL;
   out.resize(padded * K);
@@ -230,11 +233,11 @@ void round_rows_bf16(const float* x, int64_t rows, int64_t K, std::vector<uint16
   });
 }
 
-// A panel's blocks as B tiles (nb * BF16_TILE bfloat16s at out): row 2j + h of block b's tile holds,
-// for panel rows n = 0..15, the weights 4j + 2h and 4j + 2h + 1 of the block, d*q + m rounded.
-// Quant vector j (as the VNNI tile unpacks it) holds weights 4j..4j+3 of each panel row, so its
-// float vectors g = 0..3 hold panel rows 4g..4g+3, and two of them rounded together interleave to
-// the tile's rows 2j and 2j + 1 with one two-source permute each.
+// A panel's blocks as B tiles (nb * BF16_TILE bfloat16s at out): row 2j + h of block b's tile
+// holds, for panel rows n = 0..15, the weights 4j + 2h and 4j + 2h + 1 of the block, d*q + m
+// rounded. Quant vector j (as the VNNI tile unpacks it) holds weights 4j..4j+3 of each panel row,
+// so its float vectors g = 0..3 hold panel rows 4g..4g+3, and two of them rounded together
+// interleave to the tile's rows 2j and 2j + 1 with one two-source permute each.
 template <int64_t QT>
 void dequantize_panel_bf16(const uint8_t* panel, int64_t nb, uint16_t* out) {
   constexpr Format f = format_for<QT>();
@@ -263,18 +266,16 @@ void dequantize_panel_bf16(const uint8_t* panel, int64_t nb, uint16_t* out) {
       __m512 w[4];
 #pragma GCC unroll 4
       for (int g = 0; g < 4; ++g) {
-        __m512i u;
-        if constexpr (QT == Q8_0) {
-          u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(quants + 64 * j + 16 * g)));
-        } else {  // vectors 0-3: low nibbles of the stored vectors, 4-7: their high nibbles
-          const __m512i raw = _mm512_cvtepu8_epi32(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(quants + 64 * (j % 4) + 16 * g)));
-          u = j < 4 ? _mm512_and_si512(raw, low4) : _mm512_srli_epi32(raw, 4);
-        }
+        // Q4: vectors 0-3 are the low nibbles of the 4 stored vectors, 4-7 their high nibbles
+        const int64_t stored = QT == Q8_0 ? j : j % 4;
+        __m512i u = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(quants + 64 * stored + 16 * g)));
+        if constexpr (QT != Q8_0) u = j < 4 ? _mm512_and_si512(u, low4) : _mm512_srli_epi32(u, 4);
         w[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), d[g], m[g]);
       }
       const __m512bh lo = _mm512_cvtne2ps_pbh(w[1], w[0]), hi = _mm512_cvtne2ps_pbh(w[3], w[2]);
-      const __m512i l = reinterpret_cast<const __m512i&>(lo), h = reinterpret_cast<const __m512i&>(hi);
+      const __m512i l = reinterpret_cast<const __m512i&>(lo);
+      const __m512i h = reinterpret_cast<const __m512i&>(hi);
       _mm512_storeu_si512(tile + 64 * j, _mm512_permutex2var_epi32(l, even, h));
       _mm512_storeu_si512(tile + 64 * j + 32, _mm512_permutex2var_epi32(l, odd, h));
     }
@@ -299,7 +300,7 @@ inline void store_c(float* out, int64_t ldo, int64_t rows_left, int64_t cols) {
   if (rows_left >= 16 && cols == PANEL) return tile_store<C>(out, ldo);
   alignas(64) float c[16 * PANEL];
   tile_store<C>(c, PANEL);
-  asm volatile("" ::: "memory");
+  asm volatile("" ::: "memory");  // tilestored's asm does not tell the compiler it writes c
   for (int64_t r = 0; r < std::min<int64_t>(16, rows_left); ++r)
     std::copy_n(c + r * PANEL, cols, out + r * ldo);
 }
@@ -350,7 +351,8 @@ void bf16_panels(const uint16_t* xb, int64_t rows, int64_t K, const uint8_t* w, 
   for (int64_t p = p0; p < p1; p += 2) {
     const bool two = p + 1 < p1;
     dequantize_panel_bf16<QT>(w + p * panel_bytes, nb, tiles.data());
-    if (two) dequantize_panel_bf16<QT>(w + (p + 1) * panel_bytes, nb, tiles.data() + nb * BF16_TILE);
+    if (two)
+      dequantize_panel_bf16<QT>(w + (p + 1) * panel_bytes, nb, tiles.data() + nb * BF16_TILE);
     for (int64_t r0 = 0; r0 < rows; r0 += 32) {
       const bool pair = r0 + 16 < rows;
       if (pair && two) bf16_tile<2, 2>(xb, K, rows, r0, tiles.data(), p, n, out);
