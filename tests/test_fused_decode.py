@@ -249,16 +249,18 @@ def test_packed_prefill_attention_runs_on_the_kernels_as_sdpa_would(tiny_packed)
     assert (kernel - sdpa).abs().max() < 1e-4 * sdpa.abs().max()
 
 
-def test_a_short_prefill_through_the_fused_step_matches_the_layers(tiny_packed, monkeypatch):
+@pytest.mark.parametrize("B, T", [(2, 9), (3, 100)])
+def test_a_short_prefill_through_the_fused_step_matches_the_layers(tiny_packed, monkeypatch, B, T):
     """Each prompt token a row of the fused step (rows out of order, the second prompt after 3
-    cached positions): the logits and the cache the layers would give."""
-    prompt = torch.randint(0, TINY.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
-    pos = torch.tensor([[0], [3]]) + torch.arange(9)
-    rows = torch.tensor([2, 0])
+    cached positions): the logits and the cache the layers would give; 300 rows take the
+    feed-forward in more than one pass (the step's FFN_ROWS is 256)."""
+    prompt = torch.randint(0, TINY.vocab_size, (B, T), generator=torch.Generator().manual_seed(2))
+    pos = torch.tensor([[0], [3], [1]][:B]) + torch.arange(T)
+    rows = torch.tensor([2, 0, 1][:B])
 
     def prefill(fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         monkeypatch.setattr(model_module, "FUSED_PREFILL_LEN", 128 if fused else 0)
-        tiny_packed.setup_cache(3, 16)
+        tiny_packed.setup_cache(3, T + 8)
         with torch.inference_mode():
             logits = tiny_packed(prompt, pos, rows)
         cache = tiny_packed.layers[-1].attention.cache
