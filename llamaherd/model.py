@@ -63,9 +63,10 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 
 # A prefill of up to FUSED_PREFILL_LEN tokens a sequence, FUSED_PREFILL_TOKENS in all, runs
 # through the fused decode step too (one C++ call for every layer, each token a row of the step):
-# 40% faster for 16 tokens, 20% for 46, 5-10% up to 8 x 64; longer prompts are faster through the
-# layers, whose attention takes tiles of queries and whose feed-forward takes blocks of rows.
-FUSED_PREFILL_LEN, FUSED_PREFILL_TOKENS = 128, 512
+# 40% faster for 16 tokens, 20% for 46, 5-30% from 129 to 256 (its feed-forward takes up to 256
+# rows a pass); from ~320 tokens on the layers are as fast or faster, their attention taking
+# tiles of queries where the fused step's converts each query's keys on its own.
+FUSED_PREFILL_LEN, FUSED_PREFILL_TOKENS = 256, 512
 
 
 def row_ids(rows: torch.Tensor | slice) -> torch.Tensor:
