@@ -36,25 +36,10 @@ void store_row(const float* x, T* out, int64_t n) {
 
 #ifdef LH_LANES
 #ifdef LH_AVX512
-// sum_lanes' lane i holds the sum of vector KEY_ORDER[i] (the shuffles transpose 4 x 4 groups).
-constexpr int KEY_ORDER[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+// sum_lanes' lane i holds the sum of vector KEY_ORDER[i].
+constexpr const int* KEY_ORDER = FOLD_ORDER;
 
-inline Lanes sum_lanes(const Lanes* v) {
-  __m512 t[8], u[4], w[2];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i)  // halves of 2i and 2i+1 added: 8 partial sums each
-    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i)  // 4 partial sums each
-    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD));
-#pragma GCC unroll 2
-  for (int i = 0; i < 2; ++i)  // 2 partial sums each
-    w[i] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0x44),
-                         _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
-}
+inline Lanes sum_lanes(const Lanes* v) { return fold16(v, [](Lanes a, Lanes b) { return add(a, b); }); }
 
 constexpr int VALUE_HEADS = 4;  // head_values_blocked: heads a pass (of 32 registers)
 #else

@@ -44,6 +44,30 @@ inline Lanes scale_pow2(Lanes p, Lanes n) { return _mm512_scalef_ps(p, n); }  //
 inline Lanes lane_max(Lanes a, Lanes b) { return _mm512_max_ps(a, b); }
 inline Lanes swap_pairs(Lanes x) { return _mm512_permute_ps(x, 0xB1); }  // lanes 1 0 3 2 ...
 inline float reduce_add(Lanes v) { return _mm512_reduce_add_ps(v); }
+
+// 16 horizontal reductions at once: lane i of fold16(v, op) is op over the lanes of vector
+// FOLD_ORDER[i], op a lane-wise associative operation (sum, max). The shuffles transpose 4 x 4
+// groups, 30 for all 16 vectors where one reduction takes 8; FOLD_ORDER is its own inverse, so
+// vectors given in FOLD_ORDER come out in their natural order.
+constexpr int FOLD_ORDER[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+
+template <typename Op>
+inline __m512 fold16(const __m512* v, Op op) {
+  __m512 t[8], u[4], w[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)  // halves of 2i and 2i+1 combined: 8 partial results each
+    t[i] = op(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+              _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)  // 4 partial results each
+    u[i] = op(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
+              _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD));
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)  // 2 partial results each
+    w[i] = op(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0x44),
+              _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0xEE));
+  return op(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
+}
 inline float reduce_max(Lanes v) { return _mm512_reduce_max_ps(v); }
 // e where x is a logit a constraint allows, 0 where it is -inf
 inline Lanes zero_where_minus_inf(Lanes x, Lanes e) {
