@@ -6,8 +6,11 @@ streamed chat answers, llamaherd's server against llama-cpp-python's OpenAI serv
     .venv/bin/python bench/bench_serve.py --shared-prefix   # prefix caching on vs off
 
 Every stream asks for `--max-tokens` tokens of a long answer to its own question (numbered, so
-no prompt is answered from a cache: each is prefilled); tokens are counted from the server's
-usage report when it sends one, else one per content chunk. Each server runs all levels
+no prompt is answered from a cache: each is prefilled), and gets all of them: `min_tokens` (a
+request field both servers take, as vLLM's does) holds off the end-of-turn token, so every level
+does the same work (with `--allow-early-stop` a stream that ends early leaves the others to run
+as a smaller batch while the level's wall time still waits for the longest). Tokens are counted
+from the server's usage report when it sends one, else one per content chunk. Each server runs all levels
 `--rounds` times over (default 3) and each figure is the median of its rounds: one round of a
 level takes under a second here, and single rounds of the same level differ by several percent.
 Results go to bench/results/serve.json. llama-cpp-python is optional: without it (or its server
@@ -59,8 +62,9 @@ READERS = itertools.count()  # makes every question unique
 
 
 async def one_stream(client: aiohttp.ClientSession, url: str, model: str, prompt: str, max_tokens: int,
-                     usage: bool, system: str | None = None) -> dict[str, float]:
-    """One streamed chat answer: seconds to the first content, total seconds, tokens."""
+                     usage: bool, system: str | None = None, full: bool = True) -> dict[str, float]:
+    """One streamed chat answer: seconds to the first content, total seconds, tokens. full: all
+    max_tokens of it (min_tokens, which both servers take, holds off the end-of-turn token)."""
     messages = [{"role": "user", "content": prompt}]
     if system is not None:
         messages.insert(0, {"role": "system", "content": system})
@@ -68,6 +72,8 @@ async def one_stream(client: aiohttp.ClientSession, url: str, model: str, prompt
                             "seed": 1, "stream": True, "messages": messages}
     if usage:
         body["stream_options"] = {"include_usage": True}
+    if full:
+        body["min_tokens"] = max_tokens
     start = time.perf_counter()
     first: float | None = None
     chunks, reported = 0, None
@@ -91,7 +97,7 @@ async def one_stream(client: aiohttp.ClientSession, url: str, model: str, prompt
 
 
 async def level(url: str, model: str, streams: int, max_tokens: int, usage: bool,
-                system: str | None = None) -> dict[str, Any]:
+                system: str | None = None, full: bool = True) -> dict[str, Any]:
     """`streams` concurrent answers; aggregate tokens/s over the wall time of all of them. Every
     question is unique from its first word (a request number), so a server's prefix cache finds
     at most the chat template's part (with a system prompt: that prompt), never a whole prompt."""
@@ -103,7 +109,7 @@ async def level(url: str, model: str, streams: int, max_tokens: int, usage: bool
                                      timeout=aiohttp.ClientTimeout(total=1800)) as client:
         start = time.perf_counter()
         runs = await asyncio.gather(*(one_stream(client, url, model, prompt(i), max_tokens, usage,
-                                                 system) for i in range(streams)))
+                                                 system, full) for i in range(streams)))
         wall = time.perf_counter() - start
     tokens = sum(r["tokens"] for r in runs)
     ttfts = [r["ttft"] for r in runs]
@@ -122,7 +128,7 @@ def medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def measure(name: str, server: ServerProcess, levels: list[int], max_tokens: int,
             usage: bool, warmup_timeout: float = 180.0, system: str | None = None,
-            rounds: int = 1) -> list[dict[str, Any]]:
+            rounds: int = 1, full: bool = True) -> list[dict[str, Any]]:
     """Run every level against `server` (all levels once, `rounds` times over; each figure the
     median of its rounds); raises RuntimeError if it cannot answer a short warm-up request
     within `warmup_timeout` seconds."""
@@ -132,7 +138,7 @@ def measure(name: str, server: ServerProcess, levels: list[int], max_tokens: int
         model = warm_up(name, server, usage, warmup_timeout, system)
         for _ in range(rounds):
             for n in levels:
-                row = asyncio.run(level(server.url, model, n, max_tokens, usage, system))
+                row = asyncio.run(level(server.url, model, n, max_tokens, usage, system, full))
                 show(name, row)
                 runs[n].append(row)
     return [medians(runs[n]) for n in levels]
@@ -194,7 +200,7 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def shared_prefix(model: str, levels: list[int], max_tokens: int, threads: int, rounds: int,
-                  save: bool) -> None:
+                  save: bool, full: bool = True) -> None:
     """Prefix caching on vs off, every request behind the same long system prompt.
 
     Both servers run at once and take turns, level by level, `rounds` times, so that a change in
@@ -215,7 +221,7 @@ def shared_prefix(model: str, levels: list[int], max_tokens: int, threads: int, 
             for _ in range(rounds):
                 for name, server in servers.items():
                     row = asyncio.run(level(server.url, served, k, max_tokens, True,
-                                            SYSTEM_PROMPT))
+                                            SYSTEM_PROMPT, full))
                     show(name, row)
                     runs[name][k].append(row)
     results = {name: [medians(by_level[k]) for k in levels] for name, by_level in runs.items()}
@@ -241,12 +247,15 @@ def main() -> None:
                     help="llamaherd with prefix caching on vs off, a ~400-token system prompt")
     ap.add_argument("--rounds", type=int, default=3,
                     help="times each level runs on each server (the median is reported)")
+    ap.add_argument("--allow-early-stop", action="store_true",
+                    help="let answers end before --max-tokens (no min_tokens)")
     args = ap.parse_args()
     levels = [1, 2] if args.smoke else [int(x) for x in args.levels.split(",")]
     max_tokens = 8 if args.smoke else args.max_tokens
     if args.shared_prefix:
         shared_prefix(args.model, levels, max_tokens, args.threads,
-                      1 if args.smoke else args.rounds, save=not args.smoke)
+                      1 if args.smoke else args.rounds, save=not args.smoke,
+                      full=not args.allow_early_stop)
         return
     model_path = hub.pull(args.model) if args.model in hub.REGISTRY else Path(args.model)
 
@@ -254,8 +263,9 @@ def main() -> None:
     ours = llamaherd_server(args.model, "--max-seqs", str(max(levels)), "--ctx-size", "1024",
                             threads=args.threads)
     rounds = 1 if args.smoke else args.rounds
+    full = not args.allow_early_stop
     results["llamaherd"] = measure("llamaherd", ours, levels, max_tokens, usage=True,
-                                   rounds=rounds)
+                                   rounds=rounds, full=full)
     note = None
     if args.skip_llama_cpp:
         note = "llama-cpp-python skipped (--skip-llama-cpp)"
@@ -266,7 +276,7 @@ def main() -> None:
         else:
             try:
                 results["llama.cpp"] = measure("llama.cpp", other, levels, max_tokens,
-                                               usage=False, rounds=rounds)
+                                               usage=False, rounds=rounds, full=full)
             except RuntimeError as e:
                 note = f"llama-cpp-python's server failed: {e}"
     if note:
@@ -276,7 +286,7 @@ def main() -> None:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps({
             "model": args.model, "threads": args.threads, "max_tokens": max_tokens,
-            "rounds": rounds,
+            "rounds": rounds, "min_tokens": max_tokens if full else 0,
             "machine": platform.platform(), "python": platform.python_version(),
             "note": note, "results": results}, indent=2) + "\n")
         print(f"wrote {RESULTS}", file=sys.stderr)

@@ -146,6 +146,30 @@ def test_tokenizer_stop_ids_apply_unless_ignore_eos(model, tokenizer) -> None:
     assert c.finish_reason == "length" and tokenizer.eos_id in c.token_ids
 
 
+def test_logit_bias_and_min_tokens(model, tokenizer) -> None:
+    """+100 on a stop token ends the answer at once, unless min_tokens holds it off: then the
+    first tokens are the unbiased greedy ones and the stop token comes right after them.
+    -100 keeps the greedy choice out; the log-probabilities stay the model's own."""
+    expected = reference_greedy(model, PROMPTS[0], 6)
+    stop = tokenizer.eos_id
+    assert stop not in expected
+    engine = Engine(model, tokenizer)
+    [c] = run(engine, [PROMPTS[0]], max_new_tokens=6, temperature=0.0, logit_bias={stop: 100})
+    assert c.finish_reason == "stop" and c.token_ids == []
+    [c] = run(engine, [PROMPTS[0]], max_new_tokens=6, temperature=0.0, logit_bias={stop: 100},
+              min_tokens=4, logprobs=0)
+    assert c.finish_reason == "stop" and c.token_ids == expected[:4]
+    [plain] = run(engine, [PROMPTS[0]], max_new_tokens=4, temperature=0.0, logprobs=0)
+    assert [lp.logprob for lp in c.logprobs[:4]] == [lp.logprob for lp in plain.logprobs]
+    [c] = run(engine, [PROMPTS[0]], max_new_tokens=1, logit_bias={expected[0]: -100}, **GREEDY)
+    assert c.token_ids != expected[:1]
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.add(PROMPTS[0], SamplingParams(logit_bias={VOCAB: 1.0}))
+    for bad in ({"min_tokens": 7, "max_new_tokens": 6}, {"logit_bias": {1: 101.0}}):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
 def _force_after(n: int, token: int):
     def processor(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         if len(output_ids) != n:

@@ -161,6 +161,41 @@ def test_stop_strings_end_the_answer_and_are_not_returned(client: openai.OpenAI)
     assert r.choices[0].message.content.startswith("The capital")
 
 
+def test_logit_bias_bans_and_forces_tokens_with_the_models_own_logprobs(
+        client: openai.OpenAI, server: str) -> None:
+    def token_id(text: str) -> int:
+        ids = httpx.post(server + "/tokenize", json={"prompt": text}).json()["tokens"]
+        assert len(ids) == 1, (text, ids)
+        return ids[0]
+
+    def ask(bias: dict[str, int]) -> openai.types.chat.ChatCompletion:
+        return client.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION,
+                                              max_tokens=4, temperature=0, logit_bias=bias,
+                                              logprobs=True)
+
+    plain = ask({})
+    assert plain.choices[0].message.content.startswith("The")
+    banned = ask({str(token_id("The")): -100})
+    assert not banned.choices[0].message.content.startswith("The")
+    forced = ask({str(token_id("Yes")): 100})
+    assert forced.choices[0].message.content == "Yes" * 4
+    # the reported log-probability is the model's, not the biased distribution's (~0)
+    assert forced.choices[0].logprobs.content[0].logprob < -1
+
+
+def test_min_tokens_holds_off_the_end_of_the_answer(client: openai.OpenAI) -> None:
+    def ask(**extra: int) -> openai.types.chat.ChatCompletion:
+        return client.chat.completions.create(
+            model=DEFAULT_MODEL, max_tokens=60, temperature=0, extra_body=extra,
+            messages=[{"role": "user", "content": "Answer with one word: is the sky blue?"}])
+
+    short = ask()
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 30
+    held = ask(min_tokens=30)
+    assert held.usage.completion_tokens >= 30
+    assert held.choices[0].message.content.startswith(short.choices[0].message.content)
+
+
 def test_json_schema_output_validates(client: openai.OpenAI) -> None:
     schema = {
         "type": "object",

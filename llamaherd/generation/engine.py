@@ -132,6 +132,9 @@ class Engine:
         """Queue params.n sequences sharing one prompt; the prompt is prefilled once and its cache
         row copied to the others. Seeds are seed, seed+1, ... when a seed is given."""
         self._check_cache()
+        vocab = self.model.args.vocab_size
+        if any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias names a token id outside the vocabulary (size {vocab})")
         if params.n > len(self._free):
             raise RuntimeError(f"{params.n} cache rows needed but only {len(self._free)} of "
                                f"{self.rows} are free")
@@ -313,7 +316,10 @@ class Engine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
         """One event per sequence from its logits row. Rows are sampled together, one pass per
         set of top-k/top-p/min-p settings (each row with its own temperature and generator)."""
-        views = list(logits)
+        raw = list(logits)  # the log-probabilities are the model's own (see _bias)
+        biased = self._bias(seqs, logits)
+        views = raw if biased is logits else list(biased)
+        logits = biased
         rows = [s.adjust(view) for s, view in zip(seqs, views)]
         changed = any(row is not view for row, view in zip(rows, views))
         logits_in = torch.stack(rows) if changed else logits  # penalized or constrained rows
@@ -329,4 +335,20 @@ class Engine:
             for i, token in zip(idx, picked):
                 tokens[i] = token
         return [s.append(token, s.logprob(view, token))
-                for s, view, token in zip(seqs, views, tokens)]
+                for s, view, token in zip(seqs, raw, tokens)]
+
+    def _bias(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) with every sequence's biases added (logit_bias; stop tokens banned
+        before min_tokens) in one indexed add: in place (each row is its sequence's own), or on a
+        copy where a biased sequence asks for log-probabilities, which stay the model's own."""
+        entries = [(i, t, b) for i, s in enumerate(seqs) for t, b in s.biases()]
+        if not entries:
+            return logits
+        if any(seqs[i].params.logprobs is not None for i, _, _ in entries):
+            logits = logits.clone()
+        rows, ids, values = zip(*entries)
+        logits.index_put_((torch.tensor(rows, device=logits.device),
+                           torch.tensor(ids, device=logits.device)),
+                          torch.tensor(values, dtype=logits.dtype, device=logits.device),
+                          accumulate=True)
+        return logits

@@ -30,6 +30,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings, never emitted
     stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's stop ids
     ignore_eos: bool = False  # keep going past the tokenizer's stop ids
+    min_tokens: int = 0  # no stop token (the tokenizer's or stop_token_ids) before this many
+    # token id -> a bias added to its logit before sampling (OpenAI's logit_bias): -100 bans it,
+    # 100 all but forces it
+    logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus k alternatives
     n: int = 1  # completions per prompt
     truncate_prompt: bool = False  # drop the oldest prompt tokens instead of failing on overflow
@@ -43,6 +47,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
+        self.logit_bias = dict(self.logit_bias)
         checks = [
             (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
              f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"),
@@ -63,6 +68,11 @@ class SamplingParams:
              f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}"),
             (all(isinstance(s, str) and s for s in self.stop),
              "stop strings must be non-empty strings"),
+            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_new_tokens,
+             f"min_tokens must be an integer in [0, max_new_tokens], got {self.min_tokens!r}"),
+            (all(isinstance(t, int) and t >= 0 and -100 <= b <= 100
+                 for t, b in self.logit_bias.items()),
+             "logit_bias maps token ids >= 0 to biases in [-100, 100]"),
         ]
         for ok, message in checks:
             if not ok:

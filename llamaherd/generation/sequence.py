@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,14 @@ class Sequence:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def biases(self) -> list[tuple[int, float]]:
+        """(token id, bias) to add to this sequence's next logits: its logit_bias, and -inf for
+        each stop token while it has fewer than min_tokens tokens."""
+        out = list(self.params.logit_bias.items())
+        if len(self.output_ids) < self.params.min_tokens:
+            out += [(t, -math.inf) for t in self.stop_ids]
+        return out
 
     def adjust(self, logits: torch.Tensor) -> torch.Tensor:
         """This sequence's logits row (V,) after its penalties and logits processors (the same

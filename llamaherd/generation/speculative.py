@@ -104,9 +104,10 @@ class SpeculativeDecoder:
         self.stats = SpeculativeStats()
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Event]:
-        if not params.greedy or params.penalized or params.logits_processors or params.n != 1:
-            raise ValueError("speculative decoding is greedy only: temperature 0, no penalties "
-                             "or logits processors, n=1")
+        if (not params.greedy or params.penalized or params.logits_processors or params.n != 1
+                or params.logit_bias or params.min_tokens):
+            raise ValueError("speculative decoding is greedy only: temperature 0, no penalties, "
+                             "logit bias, min_tokens or logits processors, n=1")
         if not self.engine.idle:
             raise RuntimeError("speculative decoding needs the engine to itself")
         seq = self.engine.add(prompt_ids, params)

@@ -66,14 +66,14 @@ class ChatRun:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         self.choices = [Choice(i) for i in range(req.n)]
         if grammar is None:  # one group: the prompt is prefilled once for all n choices
-            params = sampling_params(req, budget, logprobs)
+            params = sampling_params(req, budget, logprobs, state.vocab)
             params.n = req.n
             choices = [params]
         else:  # every choice needs its own grammar state
             choices = []
             for i, c in enumerate(self.choices):
                 c.constraint = state.guidance.constraint(grammar)
-                p = sampling_params(req, budget, logprobs, seed_offset=i)
+                p = sampling_params(req, budget, logprobs, state.vocab, seed_offset=i)
                 p.logits_processors = [c.constraint]
                 choices.append(p)
         self.job = Job(prompt, choices)

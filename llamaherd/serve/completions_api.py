@@ -43,7 +43,7 @@ class CompletionRun:
         for p in prompts:
             ids = completion_prompt_ids(state.tokenizer, p, state.vocab)
             budget = output_budget(len(ids), req.max_tokens, state.context)
-            params = sampling_params(req, budget, req.logprobs)
+            params = sampling_params(req, budget, req.logprobs, state.vocab)
             params.n = req.n
             self.jobs.append(Job(ids, [params], events=events))
         self.events = events

@@ -132,9 +132,16 @@ def output_budget(prompt_len: int, requested: int | None, context: int) -> int:
     return requested
 
 
-def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None,
+def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, vocab: int,
                     seed_offset: int = 0) -> SamplingParams:
     top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
+    bias = req.token_bias()
+    if any(t >= vocab for t in bias):
+        raise APIError(f"logit_bias names a token id outside the vocabulary (size {vocab})",
+                       param="logit_bias")
+    if req.min_tokens > max_tokens:
+        raise APIError(f"min_tokens is {req.min_tokens} but at most {max_tokens} tokens may be "
+                       "generated", param="min_tokens")
     try:
         return SamplingParams(
             max_new_tokens=max_tokens,
@@ -143,7 +150,8 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None,
             min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             seed=None if req.seed is None else req.seed + seed_offset,
-            stop=req.stop_list(), logprobs=logprobs)
+            stop=req.stop_list(), logprobs=logprobs, logit_bias=bias,
+            min_tokens=req.min_tokens)
     except ValueError as e:
         raise APIError(str(e)) from e
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MAX_N = 8  # choices per request
 MAX_STOP = 8  # stop strings per request
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # tokens a request may bias
 
 
 class _Strict(BaseModel):
@@ -126,6 +127,10 @@ class _Sampling(_Strict):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     seed: int | None = None
+    # token id (as a string, as in OpenAI's API) -> bias in [-100, 100] added to its logit
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] = 0  # no stop token before this many (as vLLM's)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stream: bool = False
@@ -138,7 +143,12 @@ class _Sampling(_Strict):
             raise ValueError("stream_options is only allowed when stream is true")
         if any(s == "" for s in self.stop_list()):
             raise ValueError("stop strings must not be empty")
+        if any(not (k.isascii() and k.isdigit()) for k in self.logit_bias or {}):
+            raise ValueError("logit_bias keys must be token ids (decimal integers)")
         return self
+
+    def token_bias(self) -> dict[int, float]:
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
