@@ -18,7 +18,9 @@ extras) only llamaherd is measured, and the script says so.
 
 The load generator shares the cores with the server it measures, so it is kept light: it reads
 the streams with aiohttp (whose HTTP parser is C), at about half the CPU per token of httpx's
-streaming API. Both servers get the same client.
+streaming API, takes whatever bytes have arrived at once rather than a line at a time, and parses
+events only until the first content and then the usage report (from a server that sends none,
+every event, to count them). Both servers get the same client.
 
 --shared-prefix measures llamaherd alone, with prefix caching on and off (`--no-prefix-cache`):
 every request starts with the same ~400-token system prompt and asks its own question, as a chat
@@ -80,17 +82,24 @@ async def one_stream(client: aiohttp.ClientSession, url: str, model: str, prompt
     async with client.post(url + "/v1/chat/completions", json=body) as r:
         if r.status != 200:
             raise RuntimeError(f"HTTP {r.status}: {(await r.read())[:300]!r}")
-        async for line in r.content:  # one SSE line at a time
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                reported = chunk["usage"]["completion_tokens"]
-            for choice in chunk.get("choices", []):
-                if choice.get("delta", {}).get("content"):
-                    chunks += 1
-                    if first is None:
-                        first = time.perf_counter()
+        rest = b""
+        async for data in r.content.iter_any():  # whatever has arrived: often many events
+            *lines, rest = (rest + data).split(b"\n")
+            for line in lines:
+                if not line.startswith(b"data: {"):
+                    continue
+                # a server that reports usage is counted from it: past the first content, only
+                # its usage event needs parsing (whose usage is an object, not null)
+                if usage and first is not None and b'"usage":{' not in line.replace(b" ", b""):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    reported = chunk["usage"]["completion_tokens"]
+                for choice in chunk.get("choices", []):
+                    if choice.get("delta", {}).get("content"):
+                        chunks += 1
+                        if first is None:
+                            first = time.perf_counter()
     end = time.perf_counter()
     return {"ttft": (first or end) - start, "seconds": end - start,
             "tokens": float(reported if reported is not None else chunks)}
