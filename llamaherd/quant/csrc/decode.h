@@ -290,6 +290,21 @@ struct Layer {
 
 constexpr int64_t FFN_ROWS = 256;
 
+// fn(b) for the B rows of a step: a decode step's few on this thread (a parallel region costs
+// more than their norms and rotations), a prefill's many on all of them.
+constexpr int64_t PARALLEL_ROWS = 32;
+
+template <typename F>
+void for_rows(int64_t B, const F& fn) {
+  if (B < PARALLEL_ROWS) {
+    for (int64_t b = 0; b < B; ++b) fn(b);
+    return;
+  }
+  at::parallel_for(0, B, PARALLEL_ROWS / 2, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) fn(b);
+  });
+}
+
 class Decoder {
  public:
   Decoder(int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t hidden_dim,
@@ -350,28 +365,36 @@ class Decoder {
         act(ffn_rows * hidden_), delta(B * dim_);
     const std::vector<float> rot = rotations(at, B);
     float* xp = x.data_ptr<float>();
+    // row b: x += delta (unless null), then xn = norm(x) (unless null)
+    auto add_norm = [&](const float* d, const torch::Tensor* norm) {
+      for_rows(B, [&](int64_t b) {
+        float* xb = xp + b * dim_;
+        if (d != nullptr)
+          for (int64_t i = 0; i < dim_; ++i) xb[i] += d[b * dim_ + i];
+        if (norm != nullptr)
+          rms_norm_row(xb, norm->data_ptr<float>(), dim_, eps_, xn.data() + b * dim_);
+      });
+    };
+    add_norm(nullptr, &layers_[0].attn_norm);
     for (int64_t l = 0; l < L; ++l) {
       const Layer& layer = layers_[l];
-      for (int64_t b = 0; b < B; ++b)
-        rms_norm_row(xp + b * dim_, layer.attn_norm.data_ptr<float>(), dim_, eps_, xn.data() + b * dim_);
       layer.wqkv(xn.data(), B, qkv.data());
-      for (int64_t b = 0; b < B; ++b)  // q and k heads are adjacent
+      for_rows(B, [&](int64_t b) {  // q and k heads are adjacent
         rotate(qkv.data() + b * qkv_n, n_heads_ + n_kv_, rot.data() + b * 2 * head_dim_);
+      });
       if (k[l].scalar_type() == torch::kHalf)
         attend<c10::Half>(qkv.data(), qkv_n, k[l], v[l], row, at, B, att.data());
       else
         attend<float>(qkv.data(), qkv_n, k[l], v[l], row, at, B, att.data());
       layer.wo(att.data(), B, delta.data());
-      for (int64_t i = 0; i < B * dim_; ++i) xp[i] += delta[i];
-      for (int64_t b = 0; b < B; ++b)
-        rms_norm_row(xp + b * dim_, layer.ffn_norm.data_ptr<float>(), dim_, eps_, xn.data() + b * dim_);
+      add_norm(delta.data(), &layer.ffn_norm);
       for (int64_t r0 = 0; r0 < B; r0 += ffn_rows) {
         const int64_t m = std::min(ffn_rows, B - r0);
         layer.w13(xn.data() + r0 * dim_, m, gu.data());
         swiglu_rows(gu.data(), m, hidden_, act.data());
         layer.w2(act.data(), m, delta.data() + r0 * dim_);
       }
-      for (int64_t i = 0; i < B * dim_; ++i) xp[i] += delta[i];
+      add_norm(delta.data(), l + 1 < L ? &layers_[l + 1].attn_norm : nullptr);
     }
     return x;
   }
@@ -427,12 +450,13 @@ class Decoder {
     const int64_t G = n_heads_ / n_kv_, D = head_dim_, q_n = n_heads_ * D, kv_n = n_kv_ * D;
     T* k_base = k.data_ptr<T>();
     T* v_base = v.data_ptr<T>();
-    for (int64_t b = 0; b < B; ++b)
+    for_rows(B, [&](int64_t b) {
       for (int64_t g = 0; g < n_kv_; ++g) {
         const float* t = qkv + b * qkv_n + q_n + g * D;
         store_row(t, k_base + cache_offset(k, row[b], g, at[b]), D);
         store_row(t + kv_n, v_base + cache_offset(v, row[b], g, at[b]), D);
       }
+    });
     const int64_t split = B * n_kv_ < 2 * at::get_num_threads() ? G : 1;  // tasks per group
     const int64_t heads = G / split;  // query heads per task
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
