@@ -28,7 +28,7 @@ from llamaherd.serve.schemas import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from llamaherd.serve.state import ServerState
+from llamaherd.serve.state import ANNOUNCED, ServerState
 from llamaherd.tokenizer import chat_format
 
 STATIC = Path(__file__).parent / "static"
@@ -106,6 +106,33 @@ class CountRequests:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+class ExpectJobs:
+    """Announces each generation request to the scheduler as soon as it arrives, before its body
+    is read and checked, so that an idle engine can wait for a burst of them (Scheduler.expect);
+    one that ends without a job is counted off here."""
+
+    PATHS = ("/v1/chat/completions", "/v1/completions")
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or scope["method"] != "POST"
+                or scope.get("path") not in self.PATHS):
+            await self.app(scope, receive, send)
+            return
+        scheduler = scope["app"].state.server.scheduler
+        announced = [False]
+        token = ANNOUNCED.set(announced)
+        scheduler.expect()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            ANNOUNCED.reset(token)
+            if not announced[0]:
+                scheduler.expect(-1)
 
 
 def create_app(llm: Any, model_id: str, *, max_seqs: int = 8, max_queue: int = 64,
@@ -213,5 +240,6 @@ def create_app(llm: Any, model_id: str, *, max_seqs: int = 8, max_queue: int = 6
         return {"prompt": s.tokenizer.decode(body.tokens)}
 
     app.add_middleware(BodyLimit, limit=max_body)
+    app.add_middleware(ExpectJobs)  # before the body is read
     app.add_middleware(CountRequests)  # outermost: counts the 413s too
     return app

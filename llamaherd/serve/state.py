@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,11 @@ from llamaherd.generation.sequence import Event
 from llamaherd.serve.errors import APIError, QueueFullError
 from llamaherd.serve.metrics import Metrics
 from llamaherd.serve.openai_format import TokenText
+
+
+# While a generation request is read and checked: [whether it has submitted a job], set by
+# app.ExpectJobs, which announced it to the scheduler (Scheduler.expect)
+ANNOUNCED: ContextVar[list[bool] | None] = ContextVar("announced", default=None)
 
 
 @dataclass
@@ -43,8 +49,12 @@ class ServerState:
                            f"{self.model_id!r}", 404, param="model", code="model_not_found")
 
     def submit(self, job: Job) -> Job:
+        announced = ANNOUNCED.get()
+        first = announced is not None and not announced[0]
+        if first:
+            announced[0] = True  # type: ignore[index]
         try:
-            self.scheduler.submit(job)
+            self.scheduler.submit(job, expected=first)
         except QueueFull as e:
             raise QueueFullError(self.scheduler.max_queue) from e
         except ValueError as e:
