@@ -239,3 +239,48 @@ def test_a_stream_interval_hands_tokens_over_in_bursts_first_token_at_once(llm) 
     assert bursts[0] == 1  # the first token is handed over alone, at once
     assert len(bursts) <= 2 + seconds / 0.25  # then at most one hand-over per interval
     assert len(bursts) < len(steps)
+
+
+def test_an_idle_engine_waits_for_announced_requests_and_prefills_them_together(llm) -> None:
+    """Requests announced with expect() (the server does it as each arrives) hold an idle engine
+    back until they are submitted, so a burst's prompts go through one prefill; without an
+    announcement a job starts alone, and an announced request that never submits holds the
+    engine at most BURST_WAIT."""
+    import llamaherd.engine.scheduler as scheduler_module
+
+    prompts = [llm.tokenizer.encode(p) for p in ("The capital of France is", "One, two,")]
+
+    async def run(announced: int, submitted: int) -> tuple[int, float]:
+        """(prompts in the first engine step, seconds to the first job's first token)"""
+        engine = Engine(llm.model, llm.tokenizer, rows=2, max_len=128)
+        first_step: list[int] = []
+        step = engine.step
+
+        def counting_step():  # prompts waiting in the engine when a step starts
+            first_step.append(len(engine._waiting))
+            return step()
+
+        engine.step = counting_step  # type: ignore[method-assign]
+        sched = Scheduler(engine, asyncio.get_running_loop())
+        sched.start()
+        try:
+            loop = asyncio.get_running_loop()
+            sched.expect(announced)
+            start = loop.time()
+            jobs = [sched.submit(Job(prompts[0], [params()]), expected=announced > 0)]
+            await asyncio.sleep(0.005)  # the second request is still being read
+            if submitted == 2:
+                jobs.append(sched.submit(Job(prompts[1], [params()]), expected=announced > 1))
+            await jobs[0].events.get()
+            seconds = loop.time() - start
+            for job in jobs:
+                await drain(job)
+            sched.expect(submitted - announced)  # a request that ended without a job
+            return first_step[0], seconds
+        finally:
+            sched.stop()
+
+    assert asyncio.run(run(announced=2, submitted=2))[0] == 2  # one prefill for both
+    assert asyncio.run(run(announced=0, submitted=2))[0] == 1  # unannounced: the first alone
+    prompts_first, seconds = asyncio.run(run(announced=2, submitted=1))
+    assert prompts_first == 1 and scheduler_module.BURST_WAIT <= seconds < 2.0
