@@ -33,7 +33,6 @@ from llamaherd.generation.engine import Engine
 from llamaherd.generation.sampling import SamplingParams
 from llamaherd.generation.sequence import Event, Sequence
 
-
 BURST_WAIT = 0.02  # seconds an idle engine waits for announced requests (see above)
 
 

@@ -16,7 +16,6 @@ from llamaherd.serve.errors import APIError, QueueFullError
 from llamaherd.serve.metrics import Metrics
 from llamaherd.serve.openai_format import TokenText
 
-
 # While a generation request is read and checked: [whether it has submitted a job], set by
 # app.ExpectJobs, which announced it to the scheduler (Scheduler.expect)
 ANNOUNCED: ContextVar[list[bool] | None] = ContextVar("announced", default=None)
