@@ -284,3 +284,15 @@ def test_an_idle_engine_waits_for_announced_requests_and_prefills_them_together(
     assert asyncio.run(run(announced=0, submitted=2))[0] == 1  # unannounced: the first alone
     prompts_first, seconds = asyncio.run(run(announced=2, submitted=1))
     assert prompts_first == 1 and scheduler_module.BURST_WAIT <= seconds < 2.0
+
+
+def test_content_chunks_from_the_template_are_the_same_bytes() -> None:
+    """ChatChunks.content (the per-token fast path) writes exactly what chunk() writes."""
+    from llamaherd.serve.openai_format import ChatChunks
+
+    texts = ["a", " the", '"quoted"', "back\\slash", "line\nbreak", "é ✓ 🙂", "\x00\x01", "\u2028"]
+    for usage in (True, False):
+        chunks = ChatChunks('model "x"', usage)
+        for index in (0, 3):
+            for text in texts:
+                assert chunks.content(index, text) == chunks.chunk(index, {"content": text})

@@ -200,8 +200,10 @@ class ChatRun:
             text = ""
             if not self.forced_tool and not self.syntax.may_start(c.held):
                 c.holding, text, c.held = False, c.held, ""
-        if text or lp:
+        if lp:
             chunks.append(out.chunk(c.index, {"content": text}, logprobs=lp))
+        elif text:
+            chunks.append(out.content(c.index, text))
         if event.finish_reason is None:
             return chunks
         if c.constraint is not None and c.constraint.error is not None:

@@ -87,6 +87,16 @@ class ChatChunks:
         self.created = now()
         self.model = model
         self.include_usage = include_usage
+        self._content: dict[int, tuple[bytes, bytes]] = {}  # choice -> bytes around the text
+
+    def content(self, index: int, text: str) -> bytes:
+        """chunk(index, {"content": text}), byte for byte, from the bytes around the text: one
+        json.dumps of the text rather than of the whole chunk, for nearly every token."""
+        parts = self._content.get(index)
+        if parts is None:  # "\x00" is written \u0000, which nothing else in a chunk can be
+            head, tail = self.chunk(index, {"content": "\x00"}).split(b'"\\u0000"')
+            parts = self._content[index] = (head, tail)
+        return parts[0] + json.dumps(text, ensure_ascii=False).encode() + parts[1]
 
     def chunk(self, index: int, delta: dict[str, Any], finish_reason: str | None = None,
               logprobs: list[dict[str, Any]] | None = None) -> bytes:
