@@ -73,6 +73,8 @@ class Engine:
         # the tokens whose keys/values a free row holds at positions 0, 1, ...; a held row's are
         # its holder's all_ids[:pos], and the list is rewritten when the row is freed again
         self._row_ids: list[list[int]] = [[] for _ in range(rows)]
+        # the last step's logit biases (see _bias) and their index and value tensors
+        self._bias_tensors: tuple[tuple, Any] = ((), None)
         self._cache = None
         self._setup_cache()
 
@@ -341,14 +343,16 @@ class Engine:
         """logits (B, V) with every sequence's biases added (logit_bias; stop tokens banned
         before min_tokens) in one indexed add: in place (each row is its sequence's own), or on a
         copy where a biased sequence asks for log-probabilities, which stay the model's own."""
-        entries = [(i, t, b) for i, s in enumerate(seqs) for t, b in s.biases()]
+        entries = tuple((i, t, b) for i, s in enumerate(seqs) for t, b in s.biases())
         if not entries:
             return logits
         if any(seqs[i].params.logprobs is not None for i, _, _ in entries):
             logits = logits.clone()
-        rows, ids, values = zip(*entries)
-        logits.index_put_((torch.tensor(rows, device=logits.device),
-                           torch.tensor(ids, device=logits.device)),
-                          torch.tensor(values, dtype=logits.dtype, device=logits.device),
-                          accumulate=True)
+        if self._bias_tensors[0] != entries:  # most steps repeat the last one's
+            rows, ids, values = zip(*entries)
+            self._bias_tensors = (entries, (
+                (torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)),
+                torch.tensor(values, dtype=logits.dtype, device=logits.device)))
+        index, values = self._bias_tensors[1]
+        logits.index_put_(index, values, accumulate=True)
         return logits
