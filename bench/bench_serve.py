@@ -10,9 +10,10 @@ no prompt is answered from a cache: each is prefilled), and gets all of them: `m
 request field both servers take, as vLLM's does) holds off the end-of-turn token, so every level
 does the same work (with `--allow-early-stop` a stream that ends early leaves the others to run
 as a smaller batch while the level's wall time still waits for the longest). Tokens are counted
-from the server's usage report when it sends one, else one per content chunk. Each server runs all levels
-`--rounds` times over (default 3) and each figure is the median of its rounds: one round of a
-level takes under a second here, and single rounds of the same level differ by several percent.
+from the server's usage report when it sends one, else one per content chunk. Each server runs
+all levels `--rounds` times over (default 3) and each figure is the median of its rounds: one
+round of a level takes under a second here, and single rounds of the same level differ by
+several percent.
 Results go to bench/results/serve.json. llama-cpp-python is optional: without it (or its server
 extras) only llamaherd is measured, and the script says so.
 

@@ -365,6 +365,12 @@ class Decoder {
     std::vector<float> xn(B * dim_), qkv(B * qkv_n), att(B * q_n), gu(ffn_rows * 2 * hidden_),
         act(ffn_rows * hidden_), delta(B * dim_);
     const std::vector<float> rot = rotations(at, B);
+    bool distinct = true;  // every token in a cache row of its own (a decode step; see attend)
+    std::vector<bool> taken(k[0].size(0));
+    for (int64_t b = 0; b < B && distinct; ++b) {
+      distinct = !taken[row[b]];
+      taken[row[b]] = true;
+    }
     float* xp = x.data_ptr<float>();
     // row b: x += delta (unless null), then xn = norm(x) (unless null)
     auto add_norm = [&](const float* d, const torch::Tensor* norm) {
@@ -381,9 +387,11 @@ class Decoder {
       const Layer& layer = layers_[l];
       layer.wqkv(xn.data(), B, qkv.data());
       if (k[l].scalar_type() == torch::kHalf)
-        attend<c10::Half>(qkv.data(), qkv_n, rot.data(), k[l], v[l], row, at, B, att.data());
+        attend<c10::Half>(qkv.data(), qkv_n, rot.data(), k[l], v[l], row, at, B, distinct,
+                                 att.data());
       else
-        attend<float>(qkv.data(), qkv_n, rot.data(), k[l], v[l], row, at, B, att.data());
+        attend<float>(qkv.data(), qkv_n, rot.data(), k[l], v[l], row, at, B, distinct,
+                             att.data());
       layer.wo(att.data(), B, delta.data());
       add_norm(delta.data(), &layer.ffn_norm);
       for (int64_t r0 = 0; r0 < B; r0 += ffn_rows) {
@@ -449,7 +457,7 @@ class Decoder {
   template <typename T>
   void attend(float* qkv, int64_t qkv_n, const float* rot, const torch::Tensor& k,
               const torch::Tensor& v, const int64_t* row, const int64_t* at, int64_t B,
-              float* out) const {
+              bool distinct_rows, float* out) const {
     const int64_t G = n_heads_ / n_kv_, D = head_dim_, q_n = n_heads_ * D, kv_n = n_kv_ * D;
     T* k_base = k.data_ptr<T>();
     T* v_base = v.data_ptr<T>();
@@ -460,12 +468,7 @@ class Decoder {
       store_row(t + kv_n, v_base + cache_offset(v, row[b], g, at[b]), D);
     };
     const int64_t split = B * n_kv_ < 2 * at::get_num_threads() ? G : 1;  // tasks per group
-    std::vector<bool> taken(k.size(0));
-    bool own_rows = split == 1;
-    for (int64_t b = 0; b < B && own_rows; ++b) {
-      own_rows = !taken[row[b]];
-      taken[row[b]] = true;
-    }
+    const bool own_rows = split == 1 && distinct_rows;
     if (!own_rows) {
       for_rows(B, [&](int64_t b) {
         rotate(qkv + b * qkv_n, n_heads_, rot + b * 2 * D);
