@@ -307,12 +307,43 @@ def test_a_prompt_joining_a_running_batch_rides_in_its_decode_pass(packed_llm, m
             step()
         return [out[s.id] for s in seqs]
 
-    joined = []
-    original = model.forward_tokens
-    monkeypatch.setattr(model, "forward_tokens",
-                        lambda *a: joined.append(len(a[0])) or original(*a))
+    joined = []  # the fused passes that decode some sequences and prefill others
+    original = Engine._fused_pass
+    monkeypatch.setattr(Engine, "_fused_pass",
+                        lambda self, seqs, groups: (joined.append(len(seqs)) if seqs else None)
+                        or original(self, seqs, groups))
     alone = run(False)
     assert joined == []  # nothing was running when each prompt came: the plain prefill
     together = run(True)
-    assert len(joined) == 2  # the second and third prompts joined a decode pass
+    assert joined == [1, 2]  # the second and third prompts joined a decode pass
+    assert together == alone
+
+
+def test_prompts_prefilled_together_take_one_unpadded_fused_pass(packed_llm, monkeypatch):
+    """Short prompts added at once are prefilled in one fused pass, each token one row (no padding
+    to the longest); every sequence gets the tokens and log-probabilities it gets alone."""
+    from llamaherd.generation.engine import Engine
+    from llamaherd.generation.sampling import SamplingParams
+
+    tok, model = packed_llm.tokenizer, packed_llm.model
+    prompts = [tok.encode(p) for p in ("Hi", "The capital of France is",
+                                       "Once upon a time, in a small village, there lived")]
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=0, ignore_eos=True)
+    rows = []
+    original = model.forward_tokens
+    monkeypatch.setattr(model, "forward_tokens", lambda *a: rows.append(len(a[0])) or original(*a))
+
+    def run(batch: list[list[int]]) -> list[list[tuple[int, float]]]:
+        engine = Engine(model, tok, rows=3, max_len=64, prefix_cache=False)
+        seqs = [engine.add(p, greedy) for p in batch]
+        out: dict[int, list] = {}
+        while not engine.idle:
+            for e in engine.step():
+                out.setdefault(e.seq.id, []).append((e.token_id, e.logprob.logprob))
+        return [out[s.id] for s in seqs]
+
+    alone = [run([p])[0] for p in prompts]
+    rows.clear()
+    together = run(prompts)
+    assert rows[0] == sum(len(p) for p in prompts)  # the first pass: every prompt token, no pad
     assert together == alone

@@ -15,6 +15,43 @@ void prefetch_row(const T* x, int64_t n) {
     __builtin_prefetch(reinterpret_cast<const char*>(x) + i);
 }
 
+// A thread's attention reads, one after another, the cached keys and then values of each of its
+// tasks: a few KB each, where the hardware prefetcher starts anew at every 4 KB page and every
+// task. So the thread runs a cursor STREAM_AHEAD bytes in front of its reads over the whole list,
+// fetching into L2, as the matmuls do over their panels (format.h).
+constexpr int64_t STREAM_AHEAD = 8192;
+
+class Stream {
+ public:
+  void clear() {
+    ranges_.clear();
+    next_ = 0;
+    started_ = false;
+  }
+  void add(const void* p, int64_t bytes) {  // the next range read
+    const char* c = static_cast<const char*>(p);
+    if (bytes > 0) ranges_.push_back({c, c + bytes});
+  }
+  // the reads moved on by `bytes`: so does the cursor (the first call starts it STREAM_AHEAD on)
+  void advance(int64_t bytes) {
+    if (!started_) {
+      started_ = true;
+      bytes += STREAM_AHEAD;
+    }
+    for (; bytes > 0 && next_ < ranges_.size(); bytes -= 64) {
+      auto& r = ranges_[next_];
+      __builtin_prefetch(r.first, 0, 2);  // prefetcht1: into L2
+      r.first += 64;
+      if (r.first >= r.second) ++next_;
+    }
+  }
+
+ private:
+  std::vector<std::pair<const char*, const char*>> ranges_;
+  size_t next_ = 0;
+  bool started_ = false;
+};
+
 // out = x converted to T. (Element by element, c10::Half's conversion is a dozen integer
 // operations: a tenth of the attention's time at batch 8.)
 template <typename T>
@@ -60,7 +97,7 @@ constexpr int VALUE_HEADS = 2;  // of 16 registers
 // The scores of all n keys, LANES at a time (a last partial block padded with zero keys).
 template <int D, typename T>
 void head_scores_blocked(const float* q, int64_t heads, const T* keys, int64_t n, float scale,
-                         float* s) {
+                         float* s, Stream* stream) {
   constexpr int C = D / LANES;
   alignas(64) float block[LANES * D];  // LANES keys as floats
   alignas(64) float last[LANES];       // a partial block's scores
@@ -71,6 +108,7 @@ void head_scores_blocked(const float* q, int64_t heads, const T* keys, int64_t n
     // the next block (fetching its values too, for head_values, made the attention ~9% slower
     // with the cache out of L2: the values pass fetches its own)
     prefetch_row(kb + LANES * D, LANES * D);
+    if (stream != nullptr) stream->advance(LANES * D * sizeof(T));
     if (valid == LANES) {
 #pragma GCC unroll 16
       for (int i = 0; i < LANES * C; ++i)
@@ -106,7 +144,8 @@ void head_scores_blocked(const float* q, int64_t heads, const T* keys, int64_t n
 
 // Output rows in registers: VALUE_HEADS heads x 4 vectors of their rows a pass.
 template <int D, typename T>
-void head_values_blocked(const float* p, int64_t heads, const T* values, int64_t n, float* o) {
+void head_values_blocked(const float* p, int64_t heads, const T* values, int64_t n, float* o,
+                         Stream* stream) {
   constexpr int C = D / LANES, CB = C < 4 ? C : 4, HB = VALUE_HEADS;
   for (int64_t h0 = 0; h0 < heads; h0 += HB) {
     const int64_t hb = std::min<int64_t>(HB, heads - h0);
@@ -117,7 +156,10 @@ void head_values_blocked(const float* p, int64_t heads, const T* values, int64_t
 #pragma GCC unroll 4
         for (int c = 0; c < CB; ++c) acc[hh][c] = splat(0.f);
       for (int64_t j = 0; j < n; ++j) {
-        if (c0 == 0) prefetch_row(values + (j + AHEAD) * D, D);
+        if (c0 == 0) {
+          prefetch_row(values + (j + AHEAD) * D, D);
+          if (stream != nullptr && j % AHEAD == 0) stream->advance(AHEAD * D * sizeof(T));
+        }
         Lanes v[CB];
 #pragma GCC unroll 4
         for (int c = 0; c < CB; ++c) v[c] = load_lanes(values + j * D + LANES * (c0 + c));
@@ -143,10 +185,10 @@ void head_values_blocked(const float* p, int64_t heads, const T* values, int64_t
 // s[h*n + j] = scale * (query h . key j)
 template <typename T>
 void head_scores(const float* q, int64_t heads, const T* keys, int64_t n, int64_t D, float scale,
-                 float* s) {
+                 float* s, Stream* stream) {
 #ifdef LH_LANES
-  if (D == 64) return head_scores_blocked<64>(q, heads, keys, n, scale, s);
-  if (D == 128) return head_scores_blocked<128>(q, heads, keys, n, scale, s);
+  if (D == 64) return head_scores_blocked<64>(q, heads, keys, n, scale, s, stream);
+  if (D == 128) return head_scores_blocked<128>(q, heads, keys, n, scale, s, stream);
 #endif
   for (int64_t j = 0; j < n; ++j) {
     prefetch_row(keys + (j + AHEAD) * D, D);
@@ -156,10 +198,11 @@ void head_scores(const float* q, int64_t heads, const T* keys, int64_t n, int64_
 
 // o[h] = sum over j of p[h*n + j] * value j
 template <typename T>
-void head_values(const float* p, int64_t heads, const T* values, int64_t n, int64_t D, float* o) {
+void head_values(const float* p, int64_t heads, const T* values, int64_t n, int64_t D, float* o,
+                 Stream* stream) {
 #ifdef LH_LANES
-  if (D == 64) return head_values_blocked<64>(p, heads, values, n, o);
-  if (D == 128) return head_values_blocked<128>(p, heads, values, n, o);
+  if (D == 64) return head_values_blocked<64>(p, heads, values, n, o, stream);
+  if (D == 128) return head_values_blocked<128>(p, heads, values, n, o, stream);
 #endif
   std::fill(o, o + heads * D, 0.f);
   for (int64_t j = 0; j < n; ++j) {
@@ -174,16 +217,16 @@ void head_values(const float* p, int64_t heads, const T* values, int64_t n, int6
 template <typename T>
 void attend_group(const float* q, int64_t heads, const T* keys, const T* values, int64_t n,
                   int64_t D, float scale, std::vector<float>& scores, float* out,
-                  const int64_t* seen = nullptr) {
+                  const int64_t* seen = nullptr, Stream* stream = nullptr) {
   scores.resize(heads * n);
-  head_scores(q, heads, keys, n, D, scale, scores.data());
+  head_scores(q, heads, keys, n, D, scale, scores.data(), stream);
   for (int64_t h = 0; h < heads; ++h) {  // softmax of each head's scores
     float* e = scores.data() + h * n;
     const int64_t m = seen == nullptr ? n : seen[h];
     softmax_row(e, m);
     std::fill(e + m, e + n, 0.f);
   }
-  head_values(scores.data(), heads, values, n, D, out);
+  head_values(scores.data(), heads, values, n, D, out, stream);
 }
 
 // Offset of position p of kv head `head` in cache row `row` of a [rows, heads, max_len, D] cache.
@@ -479,6 +522,14 @@ class Decoder {
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
     at::parallel_for(0, B * n_kv_ * split, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> scores;  // [heads, n]
+      thread_local Stream stream;
+      stream.clear();
+      for (int64_t t = t0; t < t1; ++t) {  // what the tasks will read, in order
+        if (t % split != 0 && t != t0) continue;  // the group's rows are in the list already
+        const int64_t b = t / (n_kv_ * split), g = t / split % n_kv_;
+        stream.add(k_base + cache_offset(k, row[b], g, 0), at[b] * D * sizeof(T));
+        stream.add(v_base + cache_offset(v, row[b], g, 0), at[b] * D * sizeof(T));
+      }
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / (n_kv_ * split), g = t / split % n_kv_;
         const int64_t first = g * G + t % split * heads;  // its first query head
@@ -488,7 +539,7 @@ class Decoder {
         }
         attend_group(qkv + b * qkv_n + first * D, heads, k_base + cache_offset(k, row[b], g, 0),
                      v_base + cache_offset(v, row[b], g, 0), at[b] + 1, D, scale, scores,
-                     out + b * q_n + first * D);
+                     out + b * q_n + first * D, nullptr, &stream);
       }
     });
   }
