@@ -12,10 +12,10 @@ namespace {
 // count of the 8-row tile), and AMX loads them as one tile with a 32-byte stride.
 struct Activations {
   int64_t rows = 0, nb = 0;
-  std::vector<int8_t> quants;  // [nb, rows, 32]
-  std::vector<float> scales;   // [nb, rows] da
-  std::vector<float> terms;    // [nb, rows] coef * da * sum(qa): the min term's activation factor
-  std::vector<int32_t> sums;   // [nb, rows] sum(qa)
+  AlignedVector<int8_t> quants;  // [nb, rows, 32]
+  AlignedVector<float> scales;   // [nb, rows] da
+  AlignedVector<float> terms;    // [nb, rows] coef * da * sum(qa): the min term's activation factor
+  AlignedVector<int32_t> sums;   // [nb, rows] sum(qa)
 
   // Row r's block b; row r + i's is i*32 bytes (q) or i elements (d, t, s) further on.
   const int8_t* q(int64_t r, int64_t b) const { return quants.data() + (b * rows + r) * QK; }

@@ -405,7 +405,7 @@ class Decoder {
     // anew, and a last pass under bf16_min_rows takes the 8-bit path, so passes of 64 made seven
     // 21-token prompts joining a step ~20% slower than one pass of 148
     const int64_t ffn_rows = std::min(B, FFN_ROWS);
-    std::vector<float> xn(B * dim_), qkv(B * qkv_n), att(B * q_n), gu(ffn_rows * 2 * hidden_),
+    AlignedVector<float> xn(B * dim_), qkv(B * qkv_n), att(B * q_n), gu(ffn_rows * 2 * hidden_),
         act(ffn_rows * hidden_), delta(B * dim_);
     const std::vector<float> rot = rotations(at, B);
     bool distinct = true;  // every token in a cache row of its own (a decode step; see attend)

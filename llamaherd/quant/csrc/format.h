@@ -70,6 +70,29 @@ extern "C" float expf(float) noexcept __attribute__((simd("notinbranch")));
 
 namespace {
 
+// std::vector storage on 64-byte boundaries. With malloc's 16-byte alignment a process got, by
+// chance, scratch buffers whose every 64-byte row of an AMX tile (or vector) spanned two cache
+// lines: its prefills of ~150 tokens took ~45 ms instead of ~30.
+template <typename T>
+struct CacheAligned {
+  using value_type = T;
+  CacheAligned() = default;
+  template <typename U>
+  CacheAligned(const CacheAligned<U>&) {}
+  T* allocate(size_t n) {
+    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+    if (p == nullptr) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const CacheAligned<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheAligned<U>&) const { return false; }
+};
+template <typename T>
+using AlignedVector = std::vector<T, CacheAligned<T>>;
+
 constexpr int64_t QK = 32;     // weights per block
 constexpr int64_t PANEL = 16;  // rows per panel: one per int32 lane of a 512-bit vector
 // Panels are read once, front to back, from memory (the model does not stay in this VM's caches

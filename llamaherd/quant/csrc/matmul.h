@@ -75,7 +75,7 @@ void matmul_into(const float* x, int64_t rows, const torch::Tensor& w, int64_t q
   const int64_t nb = w.size(1) / f.block_bytes;
 #ifdef LH_AMX_BF16
   if (bf16_pays(rows)) {  // many rows: bfloat16 products on AMX (tile_amx.h), no 8-bit activations
-    thread_local std::vector<uint16_t> xb;
+    thread_local AlignedVector<uint16_t> xb;
     round_rows_bf16(x, rows, nb * QK, xb);
     const uint16_t* rounded = xb.data();  // (a worker thread naming xb would find its own)
     const int64_t panels = (n + PANEL - 1) / PANEL;

@@ -86,7 +86,7 @@ torch::Tensor draw(torch::Tensor logits, torch::Tensor temperatures, torch::Tens
   const double* up = u.data_ptr<double>();
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> w;  // scratch kept between calls: no allocation a step
+    thread_local AlignedVector<float> w;  // scratch kept between calls: no allocation a step
     thread_local std::vector<double> sums;
     w.resize(n);
     sums.resize((n + CHUNK - 1) / CHUNK);

@@ -159,7 +159,7 @@ void amx_panels(const Activations& a, const uint8_t* w, int64_t n, int64_t p0, i
                 float* out, int64_t rows, const Tail& tail) {
   constexpr Format f = format_for<QT>();
   const int64_t nb = a.nb, panel_bytes = PANEL * nb * f.block_bytes;
-  thread_local std::vector<uint8_t> unpacked;
+  thread_local AlignedVector<uint8_t> unpacked;
   if constexpr (QT != Q8_0) unpacked.resize(nb * B_BYTES);
   int configured = 0;  // rows the tiles are configured for
   for (int64_t p = p0; p < p1; ++p) {
@@ -214,7 +214,7 @@ void configure_bf16_tiles() {
 
 // x [rows, K] float -> [rows rounded up to 16, K] bfloat16 (round to nearest even), zero rows
 // after.
-void round_rows_bf16(const float* x, int64_t rows, int64_t K, std::vector<uint16_t>& out) {
+void round_rows_bf16(const float* x, int64_t rows, int64_t K, AlignedVector<uint16_t>& out) {
   const int64_t padded = (rows + PANEL - 1) / PANEL * PANEL;
   out.resize(padded * K);
   at::parallel_for(0, padded, 16, [&](int64_t r0, int64_t r1) {
@@ -345,7 +345,7 @@ void bf16_panels(const uint16_t* xb, int64_t rows, int64_t K, const uint8_t* w, 
                  int64_t p0, int64_t p1, float* out) {
   constexpr Format f = format_for<QT>();
   const int64_t nb = K / QK, panel_bytes = PANEL * nb * f.block_bytes;
-  thread_local std::vector<uint16_t> tiles;
+  thread_local AlignedVector<uint16_t> tiles;
   tiles.resize(2 * nb * BF16_TILE);
   configure_bf16_tiles();
   for (int64_t p = p0; p < p1; p += 2) {
