@@ -286,6 +286,44 @@ def test_an_idle_engine_waits_for_announced_requests_and_prefills_them_together(
     assert prompts_first == 1 and scheduler_module.BURST_WAIT <= seconds < 2.0
 
 
+def test_a_burst_still_arriving_is_prefilled_together(llm, monkeypatch) -> None:
+    """Several jobs waiting at once (a burst) hold an idle engine until no request has come for
+    ARRIVAL_GAP, even with none announced: the late ones join the same prefill; a lone job does
+    not wait for the gap."""
+    import llamaherd.engine.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "ARRIVAL_GAP", 0.05)  # wide, for a loaded machine
+    prompts = [llm.tokenizer.encode(p) for p in ("The capital of France is", "One, two,", "Hi")]
+
+    async def run(first: int) -> int:
+        """Prompts in the first engine step, with `first` jobs submitted at once and the rest
+        10 ms later."""
+        engine = Engine(llm.model, llm.tokenizer, rows=3, max_len=128)
+        first_step: list[int] = []
+        step = engine.step
+
+        def counting_step():
+            first_step.append(len(engine._waiting))
+            return step()
+
+        engine.step = counting_step  # type: ignore[method-assign]
+        sched = Scheduler(engine, asyncio.get_running_loop())
+        sched.start()
+        try:
+            jobs = [sched.submit(Job(p, [params()])) for p in prompts[:first]]
+            await asyncio.sleep(0.01)
+            jobs += [sched.submit(Job(p, [params()])) for p in prompts[first:]]
+            for job in jobs:
+                await drain(job)
+            return first_step[0]
+        finally:
+            sched.stop()
+
+    assert asyncio.run(run(first=2)) == 3  # two at once: a burst, which the third joins
+    # a lone job starts at once: waiting for the gap, it would have taken the other two along
+    assert asyncio.run(run(first=1)) == 1
+
+
 def test_content_chunks_from_the_template_are_the_same_bytes() -> None:
     """ChatChunks.content (the per-token fast path) writes exactly what chunk() writes."""
     from llamaherd.serve.openai_format import ChatChunks

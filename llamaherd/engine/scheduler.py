@@ -13,7 +13,10 @@ generation request as soon as it starts reading it (expect), and its job counts 
 submitted. An idle engine given a job first lets the event loop run what it has already received
 (two rounds of its callbacks), then waits while announced requests are still being read and
 checked (at most BURST_WAIT), so that a burst's prompts are prefilled in one pass rather than
-the first alone and the others in the next step; a lone request starts ~0.1 ms later.
+the first alone and the others in the next step; a lone request starts ~0.1 ms later. A client
+sends a burst's requests one after another (eight took ~5-10 ms here), so the count of announced
+requests can touch zero in the middle of one: when several jobs are already waiting, the engine
+also waits until no request has arrived for ARRIVAL_GAP (within the same BURST_WAIT).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from llamaherd.generation.sampling import SamplingParams
 from llamaherd.generation.sequence import Event, Sequence
 
 BURST_WAIT = 0.02  # seconds an idle engine waits for announced requests (see above)
+ARRIVAL_GAP = 0.002  # seconds without a new request that end a burst (see above)
 
 
 class QueueFull(Exception):
@@ -95,6 +99,7 @@ class Scheduler:
         self._cancelled: list[Job] = []
         self._owner: dict[int, Job] = {}  # sequence id -> job
         self._expected = 0  # requests announced by expect() and not submitted yet
+        self._last_arrival = 0.0  # perf_counter of the last expect() or submit()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="llamaherd-engine", daemon=True)
 
@@ -117,6 +122,8 @@ class Scheduler:
         they end without one): an idle engine waits for them before it starts a prefill."""
         with self._cv:
             self._expected += requests
+            if requests > 0:
+                self._last_arrival = time.perf_counter()
             self._cv.notify()
 
     def submit(self, job: Job, expected: bool = False) -> Job:
@@ -132,6 +139,7 @@ class Scheduler:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(self.max_queue)
             self._waiting.append(job)
+            self._last_arrival = time.perf_counter()
             self._cv.notify()
         self._report(0)
         return job
@@ -201,15 +209,19 @@ class Scheduler:
         done.wait(BURST_WAIT)
 
     def _await_burst(self) -> None:
-        """Wait (under the lock) while announced requests are on their way and would fit, at
-        most BURST_WAIT seconds."""
+        """Wait (under the lock) while announced requests are on their way, or (several jobs
+        waiting: a burst) until none came for ARRIVAL_GAP, while more would fit; at most
+        BURST_WAIT seconds."""
         deadline = time.perf_counter() + BURST_WAIT
-        while (self._expected > 0 and not self._stopping and not self._cancelled
+        while (not self._stopping and not self._cancelled
                and sum(j.rows for j in self._waiting) < self.engine.free_rows):
-            left = deadline - time.perf_counter()
-            if left <= 0:
+            now = time.perf_counter()
+            quiet = now - self._last_arrival
+            burst = len(self._waiting) > 1 and quiet < ARRIVAL_GAP
+            left = deadline - now
+            if (self._expected <= 0 and not burst) or left <= 0:
                 return
-            self._cv.wait(left)
+            self._cv.wait(left if self._expected > 0 else min(left, ARRIVAL_GAP - quiet))
 
     def _admit(self) -> list[Job]:
         """Waiting jobs that fit the free rows now, in arrival order (called under the lock)."""
