@@ -248,6 +248,24 @@ def test_bad_inputs_are_refused_with_clear_errors():
         GGUFLinear(f16, T.F16, 256, 2, kernels=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cache_rows_are_copied_as_slices_would_be(dtype):
+    """copy_rows copies positions start..n-1 of one cache row into another in every cache, as
+    torch's slice assignment does, and leaves every other element alone."""
+    ext = kernels.load()
+    caches = [torch.randn(4, 3, 32, 16).to(dtype) for _ in range(4)]
+    expected = [c.clone() for c in caches]
+    for c in expected:
+        c[2, :, 5:19] = c[0, :, 5:19]
+    ext.copy_rows(caches, 0, 2, 5, 19)
+    assert all(torch.equal(c, e) for c, e in zip(caches, expected))
+    with pytest.raises(RuntimeError, match="out of range"):
+        ext.copy_rows(caches, 0, 4, 0, 8)  # no row 4
+    with pytest.raises(RuntimeError, match="out of range"):
+        ext.copy_rows(caches, 0, 1, 0, 33)  # past max_len
+    assert all(torch.equal(c, e) for c, e in zip(caches, expected))  # refused before any copy
+
+
 def test_default_model_tensors(default_model_path):
     tensors = {t.name: t for t in GGUFReader(default_model_path).tensors}
     q = GGUFLinear.from_gguf(tensors["blk.0.attn_q.weight"])

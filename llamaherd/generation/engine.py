@@ -19,6 +19,7 @@ import torch
 from llamaherd.generation.sampling import SamplingParams, sample_rows
 from llamaherd.generation.sequence import Event, Sequence
 from llamaherd.model import FUSED_PREFILL_LEN, Transformer
+from llamaherd.quant import kernels
 
 # A prefix is copied from a running sequence's row only if that saves at least this many prefill
 # tokens: the copy is two tensor writes per layer, which costs about as much as a few more tokens
@@ -76,6 +77,7 @@ class Engine:
         # the last step's logit biases (see _bias) and their index and value tensors
         self._bias_tensors: tuple[tuple, Any] = ((), None)
         self._cache = None
+        self._attentions = [layer.attention for layer in model.layers]
         self._setup_cache()
 
     def _setup_cache(self) -> None:
@@ -322,11 +324,18 @@ class Engine:
 
     @torch.inference_mode()  # also called from add, where the caller's mode is unknown
     def _copy_row(self, src: int, dst: int, n: int, start: int = 0) -> None:
-        """Copy positions start..n-1 of cache row src into row dst."""
-        for layer in self.model.layers:
-            cache = layer.attention.cache
-            cache.k[dst, :, start:n] = cache.k[src, :, start:n]
-            cache.v[dst, :, start:n] = cache.v[src, :, start:n]
+        """Copy positions start..n-1 of cache row src into row dst. With the C++ kernels loaded
+        (packed models) one call copies every layer's rows (~20 us); torch's indexing takes
+        ~0.6 ms for the default model's 60 caches."""
+        # every layer's keys and values, through the modules' own dicts (by attribute,
+        # nn.Module.__getattr__ took ~0.13 ms for the default model's 90 lookups)
+        caches = [a._modules["cache"]._buffers[name] for a in self._attentions for name in "kv"]
+        ext = kernels.loaded() if self.device.type == "cpu" else None
+        if ext is not None:
+            ext.copy_rows(caches, src, dst, start, n)
+            return
+        for cache in caches:
+            cache[dst, :, start:n] = cache[src, :, start:n]
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
         """One event per sequence from its logits row. Rows are sampled together, one pass per

@@ -114,6 +114,11 @@ def build(verbose: bool = False) -> None:
          build_directory=str(directory), verbose=verbose)
 
 
+def loaded() -> ModuleType | None:
+    """The kernels if load() has already made them available (never builds)."""
+    return _module
+
+
 def load() -> ModuleType | None:
     """The compiled kernels (building them first if needed), or None with a one-line warning."""
     global _module, _tried

@@ -245,6 +245,27 @@ void check_cache(const torch::Tensor& k, const torch::Tensor& v, int64_t n_kv, i
                 head_dim, "]");
 }
 
+// Positions start..n-1 of cache row src copied into row dst of every cache in `caches` (each
+// contiguous [rows, heads, max_len, D] on the CPU): one copy a kv head, where torch's indexing
+// cost ~10 us a layer.
+void copy_rows(const std::vector<torch::Tensor>& caches, int64_t src, int64_t dst, int64_t start,
+               int64_t n) {
+  for (const auto& c : caches) {
+    TORCH_CHECK(c.device().is_cpu() && c.is_contiguous() && c.dim() == 4,
+                "caches must be contiguous CPU tensors [rows, heads, max_len, head_dim]");
+    TORCH_CHECK(src >= 0 && src < c.size(0) && dst >= 0 && dst < c.size(0) && start >= 0 &&
+                    start <= n && n <= c.size(2),
+                "cache rows ", src, ", ", dst, " or positions ", start, "..", n, " out of range");
+  }
+  for (const auto& c : caches) {
+    char* base = static_cast<char*>(c.data_ptr());
+    const int64_t size = c.element_size();
+    for (int64_t h = 0; h < c.size(1); ++h)
+      std::memmove(base + cache_offset(c, dst, h, start) * size,
+                   base + cache_offset(c, src, h, start) * size, (n - start) * c.size(3) * size);
+  }
+}
+
 // Each of B sequences' cache row row[b] and its T positions at[b * T + t] inside the cache.
 void check_slots(const torch::Tensor& cache, const int64_t* row, const int64_t* at, int64_t B,
                  int64_t T) {

@@ -58,6 +58,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu", &swiglu, nogil, "silu(gate) * up of float32 rows [..., 2H] (gate | up)");
   m.def("draw", &draw, nogil,
         "one token a row of logits float32 [B, V] from softmax(logits / temperature) by inverse CDF");
+  m.def("copy_rows", &copy_rows, nogil,
+        "positions start..n-1 of cache row src into row dst, in every cache [rows, heads, max_len, D]");
   m.def("attention", &attention, nogil,
         "causal attention of queries float32 [B, T, H, D] over their cache rows, positions [B, T]");
   m.def("simd", &simd, "the instruction set the kernels were compiled for");
