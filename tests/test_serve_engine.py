@@ -155,6 +155,23 @@ async def drain(job: Job) -> list[str]:
     return [done[s.id] for s in job.seqs]
 
 
+def counting_scheduler(llm, rows: int) -> tuple[Scheduler, list[int]]:
+    """A started Scheduler (in the running event loop) over a new engine, and the list where each
+    engine step records how many prompts were waiting in the engine when it began."""
+    engine = Engine(llm.model, llm.tokenizer, rows=rows, max_len=128)
+    waiting: list[int] = []
+    step = engine.step
+
+    def counting_step():
+        waiting.append(len(engine._waiting))
+        return step()
+
+    engine.step = counting_step  # type: ignore[method-assign]
+    sched = Scheduler(engine, asyncio.get_running_loop())
+    sched.start()
+    return sched, waiting
+
+
 def test_jobs_join_a_running_batch_and_match_running_alone(llm) -> None:
     prompts = [llm.tokenizer.encode(p) for p in ("The capital of France is", "One, two,",
                                                  "def main():", "Once upon a time")]
@@ -252,17 +269,7 @@ def test_an_idle_engine_waits_for_announced_requests_and_prefills_them_together(
 
     async def run(announced: int, submitted: int) -> tuple[int, float]:
         """(prompts in the first engine step, seconds to the first job's first token)"""
-        engine = Engine(llm.model, llm.tokenizer, rows=2, max_len=128)
-        first_step: list[int] = []
-        step = engine.step
-
-        def counting_step():  # prompts waiting in the engine when a step starts
-            first_step.append(len(engine._waiting))
-            return step()
-
-        engine.step = counting_step  # type: ignore[method-assign]
-        sched = Scheduler(engine, asyncio.get_running_loop())
-        sched.start()
+        sched, first_step = counting_scheduler(llm, rows=2)
         try:
             loop = asyncio.get_running_loop()
             sched.expect(announced)
@@ -298,17 +305,7 @@ def test_a_burst_still_arriving_is_prefilled_together(llm, monkeypatch) -> None:
     async def run(first: int) -> int:
         """Prompts in the first engine step, with `first` jobs submitted at once and the rest
         10 ms later."""
-        engine = Engine(llm.model, llm.tokenizer, rows=3, max_len=128)
-        first_step: list[int] = []
-        step = engine.step
-
-        def counting_step():
-            first_step.append(len(engine._waiting))
-            return step()
-
-        engine.step = counting_step  # type: ignore[method-assign]
-        sched = Scheduler(engine, asyncio.get_running_loop())
-        sched.start()
+        sched, first_step = counting_scheduler(llm, rows=3)
         try:
             jobs = [sched.submit(Job(p, [params()])) for p in prompts[:first]]
             await asyncio.sleep(0.01)

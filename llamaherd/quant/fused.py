@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llamaherd.model import Attention, FeedForward, KVCache, RMSNorm
+from llamaherd.model import Attention, FeedForward, KVCache, RMSNorm, cache_buffers
 from llamaherd.quant import kernels
 
 
@@ -126,13 +126,11 @@ class FusedDecoder:
         attends, each to its row's positions up to its own."""
         B, T = pos.shape
         # the model's current caches, looked up each step: holding on to them here would keep a
-        # dropped cache's memory alive until the next step. (Through the modules' own dicts: by
-        # attribute, nn.Module.__getattr__ made the 90 lookups ~40 us a step.)
-        caches = [attention._modules["cache"] for attention in self._attentions]
+        # dropped cache's memory alive until the next step
+        keys, values = cache_buffers(self._attentions)
         if rows is None:
             rows = torch.arange(B)
         if T > 1:
             rows = rows.repeat_interleave(T)
-        return self._impl.forward(h.reshape(B * T, -1), rows, pos.reshape(B * T),
-                                  [c._buffers["k"] for c in caches],
-                                  [c._buffers["v"] for c in caches]).view(B, T, -1)
+        return self._impl.forward(h.reshape(B * T, -1), rows, pos.reshape(B * T), keys,
+                                  values).view(B, T, -1)
