@@ -72,10 +72,12 @@ def test_page_loads_and_knows_the_model(page: Any) -> None:
 def test_a_message_gets_a_streamed_answer(page: Any) -> None:
     page.fill("#system", "You are a concise assistant.")
     page.fill("#temperature", "0")
+    page.fill("#top-p", "0.9")
     page.fill("#max-tokens", "48")
     page.fill("#input", "What is the capital of France?")
     body = sent_bodies(page, lambda: page.click("#send"))
     assert body["stream"] is True and body["temperature"] == 0 and body["max_tokens"] == 48
+    assert body["top_p"] == 0.9
     assert body["messages"] == [{"role": "system", "content": "You are a concise assistant."},
                                 {"role": "user", "content": "What is the capital of France?"}]
     # the answer grows while it streams: seen partly written, then finished
