@@ -32,8 +32,7 @@ from collections.abc import Callable
 import torch
 from gguf import GGUFReader
 
-from llamaherd import hub
-from llamaherd.quant import kernels
+from llamaherd import hub, kernels
 from llamaherd.quant.gguf_linear import GGUFLinear
 
 SHAPES = [  # (label, tensor)
@@ -163,7 +162,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not kernels.available():
         raise SystemExit("the GGUF kernels are not built: run `.venv/bin/python -m "
-                         "llamaherd.quant.kernels`")
+                         "llamaherd.kernels`")
     tensors = {t.name: t for t in GGUFReader(hub.pull("smollm2-135m-instruct")).tensors}
     if args.matrices_json:
         print(json.dumps({"simd": kernels.load().simd(), "times": decode_matrix_times(tensors, row_counts)}))

@@ -33,9 +33,10 @@ CHAT_QUESTION = "Write a short story about a lighthouse keeper who finds a messa
 def _chat_prompt(path: str) -> list[int]:
     """The chat prompt every engine decodes after: the question in the model's own chat format."""
     from llamaherd import tokenizer
+    from llamaherd.chat import build_prompt, chat_format
 
     tok = tokenizer.load(path)
-    return tokenizer.chat_format(tok).encode_dialog([{"role": "user", "content": CHAT_QUESTION}])
+    return build_prompt(chat_format(tok), [{"role": "user", "content": CHAT_QUESTION}])
 
 
 def _peak_rss_mb() -> float:
@@ -72,22 +73,21 @@ def run_llamaherd(path: str, threads: int, mode: str, chat: list[int]) -> dict[s
     import jinja2  # noqa: F401
     import tokenizers  # noqa: F401
 
-    from llamaherd import tokenizer  # noqa: F401
+    from llamaherd import api, kernels, tokenizer  # noqa: F401
     from llamaherd.checkpoint import gguf_load  # noqa: F401
-    from llamaherd.quant import kernels
 
     kernels.load()  # built once by the set-up
     baseline = _rss_mb()
     t0 = time.perf_counter()  # like llama.cpp's figure: the load call, imports done before
     llm = llamaherd.load(path, dtype=None if mode == "native" else mode)
     load_s = time.perf_counter() - t0
-    model = llm.model
+    model, runner = llm.model, llm.runner
     greedy = SamplingParams(max_new_tokens=DECODE_LEN, temperature=0.0, ignore_eos=True)
     with torch.inference_mode():
         # the prompt goes through the engine's prefill (in chunks of PREFILL_CHUNK positions) and
         # its first token is sampled, as for any request; no prefix cache, so nothing is reused
         ids, first = _prefill_ids(), SamplingParams(max_new_tokens=1, temperature=0.0)
-        engine = Engine(model, llm.tokenizer, rows=1, max_len=PREFILL_LEN + 1, prefix_cache=False)
+        engine = Engine(runner, llm.tokenizer, rows=1, max_len=PREFILL_LEN + 1, prefix_cache=False)
         engine.add(ids[:16], first)
         engine.step()  # warm-up
         engine.add(ids, first)
@@ -96,7 +96,7 @@ def run_llamaherd(path: str, threads: int, mode: str, chat: list[int]) -> dict[s
         prefill = PREFILL_LEN / (time.perf_counter() - t0)
 
         def decode(batch: int) -> float:
-            engine = Engine(model, llm.tokenizer, rows=batch, max_len=len(chat) + DECODE_LEN + 8)
+            engine = Engine(runner, llm.tokenizer, rows=batch, max_len=len(chat) + DECODE_LEN + 8)
             for _ in range(batch):
                 engine.add(chat, greedy)
             engine.step()  # prefill and the first token of every sequence
@@ -108,7 +108,7 @@ def run_llamaherd(path: str, threads: int, mode: str, chat: list[int]) -> dict[s
         decode1 = decode(1)
         decode8 = decode(BATCH)
     a = model.args  # the largest cache set up above
-    per_position = a.n_layers * 2 * a.n_kv_heads * a.head_dim * model.cache_dtype.itemsize
+    per_position = a.n_layers * 2 * a.n_kv_heads * a.head_dim * runner.kv_dtype.itemsize
     positions = max(PREFILL_LEN + 1, BATCH * (len(chat) + DECODE_LEN + 8))
     return {"load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": decode1,
             "decode_b8_tok_s": decode8, "peak_rss_mb": _peak_rss_mb(),
@@ -226,7 +226,7 @@ def main() -> None:
     if a.child:
         return _child(a.child, a.path, a.threads, a.mode, json.loads(a.chat))
 
-    from llamaherd.api import resolve_path
+    from llamaherd.hub import resolve_path
 
     path = str(resolve_path(a.model))
     chat = _chat_prompt(path)  # tokenized here, so no engine pays for our tokenizer

@@ -21,7 +21,7 @@ from llamaherd.tokenizer import load
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 CORPUS: list[str] = json.loads(
-    (ROOT / "tests" / "data" / "tokenizer_corpus.json").read_text(encoding="utf-8"))["strings"]
+    (ROOT / "tests" / "tokenizer" / "data" / "tokenizer_corpus.json").read_text(encoding="utf-8"))["strings"]
 Encode = Callable[[str], list[int]]
 
 
@@ -39,10 +39,10 @@ def tiktoken_reference(model: Path) -> Encode:
 def sentencepiece_reference(gguf_path: Path) -> Encode:
     import sentencepiece as spm
 
-    from llamaherd.tokenizer.gguf_meta import read_metadata
+    from llamaherd.checkpoint.gguf import read_metadata
     from llamaherd.tokenizer.spm import build_proto
 
-    m = read_metadata(gguf_path, "tokenizer.")
+    m = read_metadata(gguf_path)
     proto = build_proto(m["tokenizer.ggml.tokens"], m["tokenizer.ggml.scores"],
                         m["tokenizer.ggml.token_type"], unk_id=0, bos_id=1, eos_id=2)
     return spm.SentencePieceProcessor(model_proto=proto.SerializeToString()).encode

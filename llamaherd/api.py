@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llamaherd import hub
+from llamaherd import hub, runtime
 from llamaherd.checkpoint import Checkpoint, load_checkpoint
 from llamaherd.config import ModelArgs
 from llamaherd.model import Transformer
+from llamaherd.runtime import Runner
+from llamaherd.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
+    from llamaherd.chat import ChatFormat, Message, Tool
     from llamaherd.generation.chat import ChatCompletion
     from llamaherd.generation.engine import Engine
     from llamaherd.generation.generate import Completion
     from llamaherd.generation.sequence import Event
+
+Messages = Iterable["Message | Mapping[str, Any]"]
+Tools = Iterable["str | Mapping[str, Any] | Tool"] | None
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -30,28 +37,23 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
-def resolve_path(name_or_path: str | Path) -> Path:
-    """A registered model name (pulled on first use) or a path to a checkpoint."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        return path
-    if str(name_or_path) in hub.REGISTRY:
-        return hub.resolve(str(name_or_path))
-    if "/" in str(name_or_path) or path.suffix:
-        raise FileNotFoundError(f"{name_or_path}: no such file or directory")
-    raise hub.HubError(f"unknown model name {str(name_or_path)!r}; known names: "
-                       f"{', '.join(sorted(hub.REGISTRY))} (or pass a path)")
-
-
 class LLM:
-    """A loaded model with its tokenizer."""
+    """A loaded model with its tokenizer, run by `runner` (llamaherd.runtime)."""
 
-    def __init__(self, checkpoint: Checkpoint, tokenizer: Any) -> None:
+    def __init__(self, checkpoint: Checkpoint, tokenizer: Tokenizer, runner: Runner) -> None:
         self.checkpoint = checkpoint
         self.model: Transformer = checkpoint.model
         self.args: ModelArgs = checkpoint.args
         self.tokenizer = tokenizer
+        self.runner = runner
         self._engine: Engine | None = None
+
+    @cached_property
+    def chat_format(self) -> ChatFormat:
+        """The tokenizer's chat format (llamaherd.chat.chat_format)."""
+        from llamaherd.chat import chat_format
+
+        return chat_format(self.tokenizer)
 
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -71,8 +73,8 @@ class LLM:
 
     # ----- generation: every method below drives llamaherd.generation's one engine -----
 
-    def events(self, prompts: list[list[int]], draft: Any = None, draft_k: int = 4,
-               **sampling: Any) -> Iterator[Event]:
+    def events(self, prompts: list[list[int]], draft: str | LLM | None = None,
+               draft_k: int = 4, **sampling: Any) -> Iterator[Event]:
         """Engine events for token-id prompts (the loop the other methods share).
 
         draft: None, "ngram" (prompt lookup) or a smaller LLM sharing the vocabulary, for greedy
@@ -82,14 +84,16 @@ class LLM:
         from llamaherd.generation.sampling import SamplingParams
 
         params = SamplingParams(**sampling)
-        self._engine = sized_engine(self._engine, self.model, self.tokenizer, prompts, params)
+        self._engine = sized_engine(self._engine, self.runner, self.tokenizer, prompts, params)
         if draft is None:
             return generate_stream(self._engine, prompts, params)
         from llamaherd.generation.speculative import speculative_stream
 
-        return speculative_stream(self._engine, prompts, params, draft, draft_k)
+        return speculative_stream(self._engine, prompts, params,
+                                  draft if isinstance(draft, str) else draft.runner, draft_k)
 
-    def generate(self, prompt_or_prompts: Any, **sampling: Any) -> list[Completion]:
+    def generate(self, prompt_or_prompts: str | list[int] | list[str] | list[list[int]],
+                 **sampling: Any) -> list[Completion]:
         """Complete a prompt (str or list of token ids) or a list of prompts.
 
         Returns n completions per prompt, prompt by prompt. Keyword arguments are SamplingParams
@@ -101,7 +105,7 @@ class LLM:
         batch = to_token_ids(self.tokenizer, prompt_or_prompts)
         return collect(self.events(batch.ids, **sampling))
 
-    def stream(self, prompt: Any, **sampling: Any) -> Iterator[str]:
+    def stream(self, prompt: str | list[int], **sampling: Any) -> Iterator[str]:
         """Text deltas of one completion as they are generated."""
         from llamaherd.generation.generate import to_token_ids
 
@@ -112,22 +116,23 @@ class LLM:
             if e.text:
                 yield e.text
 
-    def chat_events(self, messages: list[Any], tools: list[Any] | None = None,
+    def chat_events(self, messages: Messages, tools: Tools = None,
                     **sampling: Any) -> Iterator[Event]:
         """Engine events of one assistant reply to `messages` in the model's chat format."""
-        from llamaherd.generation.chat import chat_prompt
+        from llamaherd.chat import build_prompt
 
-        return self.events([chat_prompt(self.tokenizer, messages, tools)], **sampling)
+        return self.events([build_prompt(self.chat_format, messages, tools)], **sampling)
 
-    def chat(self, messages: list[Any], tools: list[Any] | None = None,
-             **sampling: Any) -> ChatCompletion:
+    def chat(self, messages: Messages, tools: Tools = None, **sampling: Any) -> ChatCompletion:
         """The assistant's reply (text or tool calls) to `messages` (dicts or Message objects)."""
-        from llamaherd.generation.chat import finish_chat
+        from llamaherd.chat.messages import as_tools
+        from llamaherd.generation.chat import chat_completion
 
+        tools = as_tools(tools)
         events = list(self.chat_events(messages, tools, **sampling))
-        return finish_chat(self.tokenizer, events, tools)
+        return chat_completion(self.chat_format, events, [t.name for t in tools])
 
-    def stream_chat(self, messages: list[Any], tools: list[Any] | None = None,
+    def stream_chat(self, messages: Messages, tools: Tools = None,
                     **sampling: Any) -> Iterator[str]:
         """Text deltas of the assistant's reply as they are generated."""
         for e in self.chat_events(messages, tools, **sampling):
@@ -144,10 +149,11 @@ def load(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None,
          quant: str | None = None) -> LLM:
     """Load a registered name, a .gguf file, a Hugging Face directory or a Meta directory.
 
-    dtype=None uses the fastest path for the checkpoint (packed quantized weights for GGUF);
-    dtype="float32" always selects the exact float32 path.
+    dtype=None keeps a GGUF file's quantized weights packed, in their own blocks (the fastest
+    path); dtype="float32" always selects the exact float32 path (GGUF weights dequantized).
     quant ("int8", "int4" or "fp8") quantizes the float weights after loading them (in float32
     unless dtype says otherwise; GGUF files are dequantized first); see llamaherd.quant.weight_only.
+    Then runtime.prepare readies the model for inference.
     """
     from llamaherd import tokenizer as tok
     from llamaherd.quant.weight_only import check_mode, quantize_model
@@ -155,9 +161,10 @@ def load(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None,
     if quant is not None:
         check_mode(quant)
         dtype = "float32" if dtype is None else dtype
-    path = resolve_path(name_or_path)
-    ckpt = load_checkpoint(path, dtype=_parse_dtype(dtype), with_tokenizer=True)
+    path = hub.resolve_path(name_or_path)
+    ckpt = load_checkpoint(path, dtype=_parse_dtype(dtype), packed=dtype is None,
+                           read_tokenizer=lambda file, meta: tok.load(file, metadata=meta))
     if quant is not None:
         quantize_model(ckpt.model, quant)
     tokenizer = ckpt.tokenizer if ckpt.tokenizer is not None else tok.load(ckpt.path)
-    return LLM(ckpt, tokenizer)
+    return LLM(ckpt, tokenizer, runtime.prepare(ckpt.model))

@@ -22,12 +22,18 @@ five equal rows); with do_sample=True, top_k=50, temperature=1, top_p=1. Unseede
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from llamaherd.chat import ChatFormat, chat_format
 from llamaherd.generation.sampling import SamplingParams
+from llamaherd.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from llamaherd.api import LLM
 
 
 class CausalLMOutput:
@@ -38,7 +44,7 @@ class CausalLMOutput:
 class AutoModelForCausalLM:
     """`from_pretrained(name_or_path)` -> a model with `.generate` and `__call__(input_ids)`."""
 
-    def __init__(self, llm: Any) -> None:
+    def __init__(self, llm: LLM) -> None:
         self.llm = llm
         tok = llm.tokenizer
         self.eos_token_id: int | None = tok.eos_id
@@ -116,7 +122,7 @@ class BatchEncoding(dict):
 class AutoTokenizer:
     """`from_pretrained(name_or_path)` -> a callable tokenizer with decode and chat templates."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.bos_token_id: int | None = tokenizer.bos_id
         self.eos_token_id: int | None = tokenizer.eos_id
@@ -127,15 +133,21 @@ class AutoTokenizer:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, **_ignored: Any) -> AutoTokenizer:
         from llamaherd import tokenizer as tok
-        from llamaherd.api import resolve_path
+        from llamaherd.hub import resolve_path
 
         return cls(tok.load(resolve_path(name_or_path)))
 
     def __len__(self) -> int:
         return self.tokenizer.vocab_size
 
+    @cached_property
+    def chat_format(self) -> ChatFormat:
+        return chat_format(self.tokenizer)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, bos=add_special_tokens and self.tokenizer.add_bos)
+        if add_special_tokens:
+            return self.tokenizer.encode_prompt(text)
+        return self.tokenizer.encode(text)
 
     def __call__(self, text: str | list[str], return_tensors: str | None = None,
                  add_special_tokens: bool = True, padding: bool | str = False,
@@ -170,9 +182,7 @@ class AutoTokenizer:
     def apply_chat_template(self, messages: list[Any], tools: list[Any] | None = None,
                             tokenize: bool = True, add_generation_prompt: bool = False,
                             return_tensors: str | None = None, **_ignored: Any) -> Any:
-        from llamaherd.generation.chat import chat_format
-
-        fmt = chat_format(self.tokenizer)
+        fmt = self.chat_format
         if not tokenize:
             return fmt.render(messages, tools, add_generation_prompt)
         ids = fmt.encode_dialog(messages, tools, add_generation_prompt)

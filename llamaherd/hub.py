@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from llamaherd.paths import cache_dir
+
 
 class HubError(Exception):
     """A named artifact could not be found, fetched or verified."""
@@ -60,11 +62,6 @@ REGISTRY: dict[str, Artifact] = {
 }
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-
-
-def cache_dir() -> Path:
-    """The cache root: $LLAMAHERD_CACHE, else ~/.cache/llamaherd."""
-    return Path(os.environ.get("LLAMAHERD_CACHE") or Path.home() / ".cache" / "llamaherd")
 
 
 def _unknown(name: str) -> HubError:
@@ -134,6 +131,18 @@ def resolve(name: str) -> Path:
     if name not in REGISTRY:
         raise _unknown(name)
     return pull(name, quiet=False)
+
+
+def resolve_path(name_or_path: str | Path) -> Path:
+    """A path that exists, or a registered model name (pulled on first use)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    if str(name_or_path) in REGISTRY:
+        return resolve(str(name_or_path))
+    if "/" in str(name_or_path) or path.suffix:
+        raise FileNotFoundError(f"{name_or_path}: no such file or directory")
+    raise _unknown(str(name_or_path))
 
 
 def remove(name: str) -> None:

@@ -18,7 +18,7 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,bench]"
 # Compile the GGUF kernels now (about 30 s) rather than on first use; without a C++ compiler
 # llamaherd still runs, with slow pure-torch dequantization.
-.venv/bin/python -m llamaherd.quant.kernels \
+.venv/bin/python -m llamaherd.kernels \
   || echo "warning: GGUF C++ kernels failed to build; quantized models will run slowly" >&2
 
 # The web-page tests drive Debian's chromium through Playwright (never Playwright's own browsers).

@@ -1,11 +1,12 @@
-"""The Transformer's cache paths: consecutive cache rows (views) and arbitrary rows (gathers)."""
+"""The Transformer: trainable by plain autograd, and its cache paths (consecutive cache rows as
+views, arbitrary rows as gathers)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from conftest import TINY, make_tiny_model
 
-from llamaherd.model import zeros_on_demand
+from tests.support.models import TINY, make_tiny_model
 
 
 @torch.inference_mode()
@@ -44,17 +45,49 @@ def test_batched_decode_at_different_positions_matches_single_runs() -> None:
     model.drop_cache()
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+def test_gradients_through_the_model_equal_finite_differences() -> None:
+    """loss.backward() through model.py gives, for weights of every kind (embedding, attention
+    projections, feed-forward, norms, output), the central finite difference of the loss."""
+    args = TINY.replace(vocab_size=64)
+    model = make_tiny_model(args, seed=3).double().train()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, args.vocab_size, (2, 9), generator=g)
+    targets = torch.randint(0, args.vocab_size, (2, 9), generator=g)
+
+    def loss() -> torch.Tensor:
+        logits = model(tokens)
+        assert logits.dtype == torch.float64
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    loss().backward()
+    params = dict(model.named_parameters())
+    picks = [("tok_embeddings.weight", (int(tokens[0, 3]), 5)),
+             ("layers.0.attention.wq.weight", (7, 11)), ("layers.1.attention.wk.weight", (3, 40)),
+             ("layers.0.attention.wv.weight", (20, 2)), ("layers.1.attention.wo.weight", (9, 9)),
+             ("layers.0.feed_forward.w1.weight", (100, 30)),
+             ("layers.1.feed_forward.w2.weight", (50, 150)),
+             ("layers.1.feed_forward.w3.weight", (0, 63)), ("layers.0.attention_norm.weight", (4,)),
+             ("layers.1.ffn_norm.weight", (60,)), ("norm.weight", (17,)),
+             ("output.weight", (int(targets[1, 4]), 8))]
+    eps = 1e-6
+    for name, index in picks:
+        p = params[name]
+        with torch.no_grad():
+            saved = p[index].item()
+            p[index] = saved + eps
+            up = loss().item()
+            p[index] = saved - eps
+            down = loss().item()
+            p[index] = saved
+        numeric = (up - down) / (2 * eps)
+        assert p.grad[index].item() == pytest.approx(numeric, rel=1e-5, abs=1e-9), name
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
 
 
-def test_a_large_cache_takes_memory_as_it_is_written() -> None:
-    big = zeros_on_demand((4, 1024, 4096), torch.float32)  # 64 MB
-    small = zeros_on_demand((16, 64), torch.float16)
-    assert not big.any() and not small.any() and small.dtype == torch.float16
-    before = _rss_mb()
-    big[0] = 1.0  # a quarter of it
-    grown = _rss_mb() - before
-    assert 14 < grown < 20, f"writing 16 MB of a 64 MB cache grew RSS by {grown:.1f} MB"
-    assert int(big.sum()) == 1024 * 4096
+def test_hidden_states_are_what_the_output_projection_reads() -> None:
+    model = make_tiny_model(TINY)
+    tokens = torch.tensor([[5, 9, 11, 3, 7]])
+    with torch.no_grad():
+        h = model.hidden_states(tokens)
+        assert h.shape == (1, 5, TINY.dim)
+        torch.testing.assert_close(model.output(h), model(tokens))

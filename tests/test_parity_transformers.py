@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, TINY_LLAMA3, make_tiny_model
 
 from llamaherd.api import LLM, load
 from llamaherd.checkpoint import load_checkpoint
@@ -15,6 +14,7 @@ from llamaherd.checkpoint.hf import save_hf
 from llamaherd.checkpoint.keymaps import hf_to_meta_rows, is_rotary
 from llamaherd.config import ModelArgs
 from llamaherd.model import Transformer
+from tests.support.models import TINY, TINY_LLAMA3, make_tiny_model
 
 try:
     import transformers

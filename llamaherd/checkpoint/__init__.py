@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,11 @@ __all__ = [
     "check_shapes",
     "detect_format",
     "load_checkpoint",
-    "set_module",
 ]
+
+
+# (a GGUF file's path, its metadata) -> its tokenizer, built by the caller's tokenizer library
+ReadTokenizer = Callable[[Path, dict[str, Any]], Any]
 
 
 @dataclass
@@ -32,7 +36,7 @@ class Checkpoint:
     path: Path
     metadata: dict[str, Any] = field(default_factory=dict)  # GGUF key/values, HF/Meta config
     tensor_types: dict[str, int] = field(default_factory=dict)  # type name -> tensor count
-    tokenizer: Any = None  # the file's own tokenizer, where the loader was asked to build it
+    tokenizer: Any = None  # the file's own tokenizer, where the caller passed read_tokenizer
 
 
 def detect_format(path: str | Path) -> str:
@@ -71,7 +75,7 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], path: Path,
         model = Transformer(args)
     check_shapes(args, shapes, path, model)
     for name, module in (modules or {}).items():
-        set_module(model, name, module)
+        model.set_submodule(name, module)
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_embeddings and "output" not in (modules or {}):
         model.output.weight = model.tok_embeddings.weight
@@ -117,16 +121,13 @@ def resolve_tied(state: dict[str, torch.Tensor], args: ModelArgs, config: Path) 
     return args.replace(tie_embeddings=tied)
 
 
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None,
-                    with_tokenizer: bool = False) -> Checkpoint:
-    """Load a checkpoint. dtype None picks the format's fast path (packed quantized weights for
-    GGUF); torch.float32 the exact float32 path. with_tokenizer: a GGUF file's tokenizer is built
-    too, before the weights (Checkpoint.tokenizer); other formats leave it None."""
+def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None, packed: bool = False,
+                    read_tokenizer: ReadTokenizer | None = None) -> Checkpoint:
+    """Load a checkpoint. dtype: of the float weights (default float32). packed: a GGUF file's quantized tensors stay in
+    their blocks (GGUFLinear layers) instead of being dequantized; ignored by the other formats,
+    which hold no quantized tensors. read_tokenizer: a GGUF file's tokenizer is built from its
+    metadata by read_tokenizer(path, metadata), before the weights (Checkpoint.tokenizer); other
+    formats leave it None."""
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "gguf":
@@ -134,7 +135,7 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None,
 
         if path.is_dir():
             path = min(path.glob("*.gguf"))
-        return load_gguf(path, dtype=dtype, with_tokenizer=with_tokenizer)
+        return load_gguf(path, dtype=dtype, packed=packed, read_tokenizer=read_tokenizer)
     if fmt == "hf":
         from llamaherd.checkpoint.hf import load_hf
 

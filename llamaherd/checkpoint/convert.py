@@ -49,7 +49,7 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, gguf_type: str = "F32
     are not translated between the two worlds: a GGUF written from a directory has none, and a
     directory written from a GGUF has no tokenizer files.
     """
-    from llamaherd.api import resolve_path
+    from llamaherd.hub import resolve_path
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -1,4 +1,5 @@
-"""GGUF file -> Transformer: dequantized to float32 (exact path) or with quantized weights packed."""
+"""GGUF file -> Transformer: weights dequantized to float (the exact path), or quantized ones kept
+packed in GGUFLinear layers."""
 
 from __future__ import annotations
 
@@ -11,24 +12,29 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from llamaherd.checkpoint import Checkpoint, build_model
+from llamaherd import kernels
+from llamaherd.checkpoint import Checkpoint, ReadTokenizer, build_model
 from llamaherd.checkpoint.errors import CheckpointError
 from llamaherd.checkpoint.gguf import GGUFTensor, dequantize, read_gguf
 from llamaherd.checkpoint.keymaps import IGNORED, to_internal
 from llamaherd.config import ModelArgs, RopeScaling
 from llamaherd.model import rope_frequencies
+from llamaherd.quant.gguf_linear import KERNEL_TYPES, GGUFEmbedding, GGUFLinear
+from llamaherd.quant.kquants import KERNEL_TYPE, convert
 
 
 def _to_torch(t: GGUFTensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.require(dequantize(t), np.float32, ["C", "W"])).to(dtype)
 
 
-def load_gguf(path: Path, *, dtype: torch.dtype | None = None,
-              with_tokenizer: bool = False) -> Checkpoint:
-    """with_tokenizer: also build the file's tokenizer (Checkpoint.tokenizer), before the weights,
-    and drop the vocabulary lists from the metadata once it holds them: ~10 MB of Python strings
-    freed before the weights are read, so the long-lived objects made later are not scattered
-    among them (~4 MB less resident memory)."""
+def load_gguf(path: Path, *, dtype: torch.dtype | None = None, packed: bool = False,
+              read_tokenizer: ReadTokenizer | None = None) -> Checkpoint:
+    """dtype: of the float weights (default float32). packed: quantized tensors stay in their
+    blocks, in GGUFLinear layers (GGUFEmbedding for the embedding); otherwise every tensor is
+    dequantized. read_tokenizer(path, metadata): builds the file's tokenizer (Checkpoint.tokenizer)
+    from the metadata already read, before the weights; the vocabulary lists are then dropped
+    from the metadata, freeing megabytes of Python strings before the weights are read, so the
+    long-lived objects made later are not scattered among them."""
     f = read_gguf(path)
     embd = f.tensors.get("token_embd.weight")
     if embd is None:
@@ -40,10 +46,8 @@ def load_gguf(path: Path, *, dtype: torch.dtype | None = None,
         raise CheckpointError(path, f"bad model metadata: {e}") from None
     args = args.replace(tie_embeddings="output.weight" not in f.tensors)
     tokenizer = None
-    if with_tokenizer:
-        from llamaherd import tokenizer as tok
-
-        tokenizer = tok.load(path, metadata=f.metadata)
+    if read_tokenizer is not None:
+        tokenizer = read_tokenizer(path, f.metadata)
         for key in [k for k, v in f.metadata.items()
                     if k.startswith("tokenizer.ggml.") and isinstance(v, list)]:
             del f.metadata[key]  # the vocabulary lives in the tokenizer now
@@ -54,7 +58,6 @@ def load_gguf(path: Path, *, dtype: torch.dtype | None = None,
         if scaling is not None:
             args, divisors = args.replace(rope_scaling=scaling), None
 
-    packed = dtype is None
     raw: dict[str, GGUFTensor] = {}  # quantized tensors to pack, by internal name
     state: dict[str, torch.Tensor] = {}
     modules: dict[str, nn.Module] = {}
@@ -70,10 +73,11 @@ def load_gguf(path: Path, *, dtype: torch.dtype | None = None,
             raw[internal] = t
             continue
         state[internal] = _to_torch(t, dtype or torch.float32)
-    for name, parts in _fusable(raw, args).items():  # q|k|v and gate|up: one layer each
+    for parts in _groups(raw, args):  # q|k|v and gate|up: packed side by side
         tensors = [raw.pop(part) for part in parts]
-        modules[name] = _fused_module(tensors)
-        for t in tensors:
+        layers = _packed_group(tensors).split([t.shape[0] for t in tensors])
+        for part, t, layer in zip(parts, tensors, layers):
+            modules[part.removesuffix(".weight")] = layer
             f.release(t)
     for internal, t in raw.items():
         made = _packed_modules(internal, t, args)
@@ -83,13 +87,6 @@ def load_gguf(path: Path, *, dtype: torch.dtype | None = None,
     model = build_model(args, state, path, modules, packed_shapes)
     if divisors is not None:  # factors that no Llama 3.1 scaling explains: use them as they are
         model.rope_freqs = rope_frequencies(args.head_dim, args.rope_theta, None) / divisors
-    if packed:
-        from llamaherd.quant.fused import FusedDecoder, use_kernel_modules
-
-        model.fuse_projections()  # one kernel call for q|k|v and one for gate|up
-        use_kernel_modules(model)
-        model.fast_decode = FusedDecoder.build(model)  # after the final rope_freqs: it copies them
-        model.kv_dtype = torch.float16  # as llama.cpp keeps it: half the cache's memory traffic
     types = Counter(t.qtype.name for t in f.tensors.values())
     return Checkpoint(model, args, "gguf", path, f.metadata, dict(types), tokenizer)
 
@@ -105,33 +102,27 @@ def rope_scaling_from_divisors(divisors: torch.Tensor, args: ModelArgs) -> RopeS
     return None
 
 
-FUSED = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
-         "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3")}
+# Projections of one input, packed side by side in one buffer: the inference runtime joins them
+# into one matrix (runtime.prepare), which then costs no copy.
+GROUPS = (("attention.wq", "attention.wk", "attention.wv"), ("feed_forward.w1", "feed_forward.w3"))
 
 
-def _fusable(raw: dict[str, GGUFTensor], args: ModelArgs) -> dict[str, list[str]]:
-    """Fused layer name -> its parts' tensor names, for each group the kernels can pack as one
-    (all parts present and of types the kernels take): packed straight from the file, never
-    copied twice."""
-    from llamaherd.quant import kernels
-    from llamaherd.quant.gguf_linear import KERNEL_TYPES
-    from llamaherd.quant.kquants import KERNEL_TYPE
-
-    groups = {}
+def _groups(raw: dict[str, GGUFTensor], args: ModelArgs) -> list[list[str]]:
+    """The tensor names of each group of projections (GROUPS) that the kernels can pack as one:
+    all parts present and of types the kernels take. None without the kernels."""
+    groups = []
     for i in range(args.n_layers):
-        for fused, parts in FUSED.items():
+        for parts in GROUPS:
             names = [f"layers.{i}.{part}.weight" for part in parts]
             if all(n in raw and raw[n].qtype in KERNEL_TYPES | set(KERNEL_TYPE) for n in names):
-                groups[f"layers.{i}.{fused}"] = names
-    return groups if groups and kernels.available() else {}
+                groups.append(names)
+    return groups if groups and kernels.available() else []
 
 
-def _fused_module(tensors: list[GGUFTensor]) -> nn.Module:
-    """One packed layer of the parts' rows stacked. Parts that would pack as different types (a
-    Q4_K_M file's Q4_K q and k with a Q6_K v) are all requantized to Q8_0."""
-    from llamaherd.quant.gguf_linear import GGUFLinear
-    from llamaherd.quant.kquants import KERNEL_TYPE, convert
-
+def _packed_group(tensors: list[GGUFTensor]) -> GGUFLinear:
+    """One packed layer of the parts' rows stacked, packed straight from the file. Parts that
+    would pack as different types (a Q4_K_M file's Q4_K q and k with a Q6_K v) are all
+    requantized to Q8_0."""
     in_features, out_features = tensors[0].shape[1], sum(t.shape[0] for t in tensors)
     if len({t.qtype for t in tensors}) == 1:  # the layer packs (and converts) its own type
         return GGUFLinear([t.data for t in tensors], tensors[0].qtype, in_features, out_features)
@@ -144,8 +135,6 @@ def _fused_module(tensors: list[GGUFTensor]) -> nn.Module:
 def _packed_modules(internal: str, t: GGUFTensor, args: ModelArgs) -> dict[str, nn.Module]:
     """Quantized weights stay packed: a linear layer (and, for the embedding, a lookup table and
     the tied output projection) reading the GGUF bytes in place."""
-    from llamaherd.quant.gguf_linear import GGUFEmbedding, GGUFLinear
-
     module_name = internal.removesuffix(".weight")
     with warnings.catch_warnings():  # the read-only memory map is only ever read
         warnings.simplefilter("ignore", UserWarning)

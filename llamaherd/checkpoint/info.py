@@ -127,7 +127,7 @@ _SUMMARIES = {"gguf": _gguf, "hf": _hf, "meta": _meta}
 
 def summarize(model: str | Path) -> Summary:
     """A registered model name or a checkpoint path, summarized from its header or config."""
-    from llamaherd.api import resolve_path
+    from llamaherd.hub import resolve_path
 
     path = resolve_path(model)
     summary = _SUMMARIES[detect_format(path)](path)

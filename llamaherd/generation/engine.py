@@ -18,12 +18,11 @@ import torch
 
 from llamaherd.generation.sampling import SamplingParams, sample_rows
 from llamaherd.generation.sequence import Event, Sequence
-from llamaherd.model import FUSED_PREFILL_LEN, Transformer, cache_buffers
-from llamaherd.quant import kernels
+from llamaherd.runtime import FUSED_PREFILL_LEN, Runner
+from llamaherd.tokenizer import Tokenizer
 
 # A prefix is copied from a running sequence's row only if that saves at least this many prefill
-# tokens: the copy is two tensor writes per layer, which costs about as much as a few more tokens
-# in the batched prefill. (A free row's own prefix is reused at any length: it is already there.)
+# tokens: the copy costs about as much as a few more tokens in the batched prefill. (A free row's own prefix is reused at any length: it is already there.)
 MIN_COPY_TOKENS = 16
 
 
@@ -39,9 +38,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 # Prompts are prefilled this many positions per forward: long prompts then need attention scores
 # of chunk x context instead of context x context (2.4 GB at 8k tokens and 9 heads), and the
-# layers' activations stay small (~9 MB less at the peak than chunks of 512 on the default model).
-# It is no slower: a 2000-token prompt of the default model prefills at ~1250 tok/s in chunks of
-# 256, ~1220 in chunks of 512 and ~760 in one forward.
+# layers' activations stay small; it is no slower than larger chunks (docs/performance.md).
 PREFILL_CHUNK = 256
 
 
@@ -52,20 +49,24 @@ class ContextWindowError(ValueError):
 class Engine:
     """Owns the model's KV cache: `rows` independent slots of `max_len` positions each.
 
-    prefix_cache: reuse the keys and values of a prompt prefix already in the cache (see above).
+    runner: the model as llamaherd.runtime prepared it (runtime.prepare, or Runner(model) for a
+    plain float model). prefix_cache: reuse the keys and values of a prompt prefix already in
+    the cache (see above).
     """
 
-    def __init__(self, model: Transformer, tokenizer: Any, rows: int = 1,
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, rows: int = 1,
                  max_len: int | None = None, prefix_cache: bool = True,
                  prefill_chunk: int = PREFILL_CHUNK) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-        self.model = model
+        self.runner = runner
+        self.model = runner.model
         self.prefill_chunk = prefill_chunk
         self.tokenizer = tokenizer
         self.rows = rows
-        self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
-        self.device = model.rope_freqs.device
+        window = self.model.args.max_seq_len
+        self.max_len = min(max_len or window, window)
+        self.device = runner.device
         self.prefix_cache = prefix_cache
         self._free = list(range(rows))  # least recently freed first
         self._waiting: list[list[Sequence]] = []  # groups sharing one prompt, not prefilled yet
@@ -77,17 +78,16 @@ class Engine:
         # the last step's logit biases (see _bias) and their index and value tensors
         self._bias_tensors: tuple[tuple, Any] = ((), None)
         self._cache = None
-        self._attentions = [layer.attention for layer in model.layers]
         self._setup_cache()
 
     def _setup_cache(self) -> None:
-        self.model.setup_cache(self.rows, self.max_len)
-        self._cache = self.model.layers[0].attention.cache
+        self.runner.setup_cache(self.rows, self.max_len)
+        self._cache = self.runner.cache
         self._row_ids = [[] for _ in range(self.rows)]
 
     def _check_cache(self) -> None:
         """Re-create the cache if someone else replaced it (only possible while idle)."""
-        if self.model.layers[0].attention.cache is not self._cache:
+        if self.runner.cache is not self._cache:
             if not self.idle:
                 raise RuntimeError("the model's KV cache was replaced while sequences were running")
             self._setup_cache()
@@ -102,10 +102,6 @@ class Engine:
     def free_rows(self) -> int:
         return len(self._free)
 
-    @property
-    def active(self) -> list[Sequence]:
-        return [s for group in self._waiting for s in group] + list(self._running)
-
     def fit_prompt(self, prompt_ids: list[int], params: SamplingParams) -> tuple[list[int], int]:
         """The prompt, truncated if asked and needed, and how many tokens were dropped."""
         n, window = len(prompt_ids), self.max_len
@@ -119,7 +115,7 @@ class Engine:
                 f"(at least one must be left for the answer); shorten the prompt or allow "
                 f"truncation (truncate_prompt=True, or --truncate)")
         keep = window - min(params.max_new_tokens, window // 2)
-        bos = getattr(self.tokenizer, "bos_id", None)
+        bos = self.tokenizer.bos_id
         if bos is not None and prompt_ids[0] == bos:  # keep the BOS, drop the oldest after it
             kept = [bos] + list(prompt_ids[n - keep + 1:])
         else:
@@ -218,7 +214,7 @@ class Engine:
         joining, tokens = [], len(self._running)
         for group in groups:
             rest = len(group[0].prompt_ids) - group[0].pos
-            if rest > FUSED_PREFILL_LEN or not self.model.fused_step_fits(tokens + rest):
+            if rest > FUSED_PREFILL_LEN or not self.runner.fits(tokens + rest):
                 break
             joining.append(group)
             tokens += rest
@@ -236,7 +232,7 @@ class Engine:
             pos = torch.tensor([[s.pos] for s in seqs], device=self.device)
             rows = None if B == 1 and seqs[0].row == 0 else torch.tensor(
                 [s.row for s in seqs], device=self.device)
-            logits = self.model(tokens, pos, rows)[:, -1]  # (B, V)
+            logits = self.runner.forward(tokens, pos, rows)[:, -1]  # (B, V)
         for s in seqs:
             s.pos += 1
         events = self._sample(seqs, logits[:B])
@@ -245,7 +241,7 @@ class Engine:
         return events
 
     def _fused_pass(self, seqs: list[Sequence], groups: list[list[Sequence]]) -> torch.Tensor:
-        """One fused step (model.forward_tokens) over a decode token for each of `seqs` and the
+        """One fused step (Runner.forward_tokens) over a decode token for each of `seqs` and the
         uncached prompt tokens of each group's leader, every token a row of its own (no
         padding): logits (len(seqs) + len(groups), V), the decode rows' then each prompt's last
         token's."""
@@ -258,8 +254,8 @@ class Engine:
             at += rest
             rows += [s.row] * len(rest)
             keep.append(len(ids) - 1)
-        return self.model.forward_tokens(*(torch.tensor(x, device=self.device)
-                                           for x in (ids, at, rows, keep)))
+        return self.runner.forward_tokens(*(torch.tensor(x, device=self.device)
+                                            for x in (ids, at, rows, keep)))
 
     def _prefill(self, groups: list[list[Sequence]]) -> list[Event]:
         """Prefill each group leader's prompt from its pos on (the tokens not cached yet)."""
@@ -268,9 +264,8 @@ class Engine:
         rests = [s.prompt_ids[s.pos:] for s in leaders]  # never empty (see _claim_row)
         T = max(len(r) for r in rests)
         if (T <= min(FUSED_PREFILL_LEN, self.prefill_chunk)
-                and self.model.fused_step_fits(sum(len(r) for r in rests))):
-            # short prompts: their tokens side by side in one fused step, no padding (eight
-            # prompts of 15 to 21 tokens padded to 21 would be ~15% more rows)
+                and self.runner.fits(sum(len(r) for r in rests))):
+            # short prompts: their tokens side by side in one fused step, no padding
             return self._start(groups, self._fused_pass([], groups))
         pad = 0
         tokens = torch.tensor([r + [pad] * (T - len(r)) for r in rests], device=self.device)
@@ -285,8 +280,8 @@ class Engine:
         logits = torch.empty(0)
         for c0 in range(0, T, self.prefill_chunk):  # chunk by chunk, each seeing the ones before
             c1 = min(T, c0 + self.prefill_chunk)
-            out = self.model(tokens[:, c0:c1], pos[:, c0:c1], rows,
-                             output_index=last.clamp(c0, c1 - 1) - c0)  # (G, V)
+            out = self.runner.forward(tokens[:, c0:c1], pos[:, c0:c1], rows,
+                                      output_index=last.clamp(c0, c1 - 1) - c0)  # (G, V)
             ends_here = ((last >= c0) & (last < c1))[:, None]  # rows whose prompt ends here
             logits = out if c0 == 0 else torch.where(ends_here, out, logits)
         return self._start(groups, logits)
@@ -319,21 +314,11 @@ class Engine:
             raise ValueError(f"{T} tokens at position {seq.pos} overflow the cache ({self.max_len})")
         pos = torch.arange(seq.pos, seq.pos + T, device=self.device)[None]
         rows = None if seq.row == 0 else torch.tensor([seq.row], device=self.device)
-        return self.model(torch.tensor([tokens], device=self.device), pos, rows)[0]
+        return self.runner.forward(torch.tensor([tokens], device=self.device), pos, rows)[0]
 
-    @torch.inference_mode()  # also called from add, where the caller's mode is unknown
     def _copy_row(self, src: int, dst: int, n: int, start: int = 0) -> None:
-        """Copy positions start..n-1 of cache row src into row dst. With the C++ kernels loaded
-        (packed models) one call copies every layer's rows (~70 us for the default model); with
-        torch's indexing its 60 caches take ~0.6 ms."""
-        keys, values = cache_buffers(self._attentions)
-        caches = keys + values
-        ext = kernels.loaded() if self.device.type == "cpu" else None
-        if ext is not None:
-            ext.copy_rows(caches, src, dst, start, n)
-            return
-        for cache in caches:
-            cache[dst, :, start:n] = cache[src, :, start:n]
+        """Copy positions start..n-1 of cache row src into row dst."""
+        self.runner.copy_rows(src, dst, n, start)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
         """One event per sequence from its logits row. Rows are sampled together, one pass per

@@ -9,6 +9,8 @@ from typing import Any
 from llamaherd.generation.engine import Engine
 from llamaherd.generation.sampling import SamplingParams, TokenLogprob
 from llamaherd.generation.sequence import Event, Sequence
+from llamaherd.runtime import Runner
+from llamaherd.tokenizer import Tokenizer
 
 
 @dataclass
@@ -90,14 +92,14 @@ class PromptBatch:
     single: bool
 
 
-def to_token_ids(tokenizer: Any, prompt_or_prompts: Any) -> PromptBatch:
+def to_token_ids(tokenizer: Tokenizer, prompt_or_prompts: Any) -> PromptBatch:
     """A str, a list of ints (one prompt) or a list of str / int lists (many) -> token ids.
 
-    Text gets a BOS token when the tokenizer says its model expects one.
+    Text is encoded with Tokenizer.encode_prompt (a BOS token when the model expects one).
     """
     def one(p: Any) -> list[int]:
         if isinstance(p, str):
-            return tokenizer.encode(p, bos=bool(getattr(tokenizer, "add_bos", False)))
+            return tokenizer.encode_prompt(p)
         if isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
             if not p:
                 raise ValueError("a prompt is empty")
@@ -119,18 +121,18 @@ def to_token_ids(tokenizer: Any, prompt_or_prompts: Any) -> PromptBatch:
                     f"{type(prompt_or_prompts).__name__}")
 
 
-def sized_engine(engine: Engine | None, model: Any, tokenizer: Any, prompts: list[list[int]],
-                 params: SamplingParams) -> Engine:
+def sized_engine(engine: Engine | None, runner: Runner, tokenizer: Tokenizer,
+                 prompts: list[list[int]], params: SamplingParams) -> Engine:
     """`engine` if it is idle and big enough for these prompts, else a new one that is.
 
     The cache gets one row per completion (up to 16 at once, more queue) and room for the longest
     prompt plus max_new_tokens, rounded up to 256 positions and capped at the context window.
     """
-    window = model.args.max_seq_len
+    window = runner.model.args.max_seq_len
     rows = max(params.n, min(16, params.n * len(prompts)))
     need = max(len(p) for p in prompts) + params.max_new_tokens
     max_len = min(window, -(-need // 256) * 256)
-    if engine is not None and engine.model is model and engine.rows >= rows and \
+    if engine is not None and engine.runner is runner and engine.rows >= rows and \
             engine.max_len >= max_len:
         return engine
     if engine is not None and not engine.idle:
@@ -138,4 +140,4 @@ def sized_engine(engine: Engine | None, model: Any, tokenizer: Any, prompts: lis
                            "stream before starting one that needs a bigger cache")
     if engine is not None:
         rows, max_len = max(rows, engine.rows), max(max_len, engine.max_len)
-    return Engine(model, tokenizer, rows=rows, max_len=max_len)
+    return Engine(runner, tokenizer, rows=rows, max_len=max_len)

@@ -201,7 +201,7 @@ def _draw(logits: torch.Tensor, temperatures: torch.Tensor, u: torch.Tensor) -> 
     passes u (a uniform number in [0, 1)), so a token of probability 0 is never drawn; -1 where
     every logit is -inf. The C++ kernel does it in one pass without temporaries (at batch 8,
     torch's softmax, cumsum and search tensors cost ~1 ms a step here); torch is the fallback."""
-    from llamaherd.quant import kernels
+    from llamaherd import kernels
 
     ext = kernels.load() if logits.device.type == "cpu" else None
     if ext is not None:

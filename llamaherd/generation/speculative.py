@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
 from llamaherd.generation.engine import Engine
 from llamaherd.generation.sampling import SamplingParams, token_logprob
 from llamaherd.generation.sequence import Event, Sequence
-from llamaherd.model import Transformer
+from llamaherd.runtime import Runner
 
 
 class Drafter(Protocol):
@@ -44,11 +44,11 @@ class NgramDrafter:
 class ModelDrafter:
     """A smaller model sharing the target's vocabulary, decoding greedily with its own cache."""
 
-    def __init__(self, model: Transformer, max_len: int) -> None:
-        self.model = model
-        self.max_len = min(max_len, model.args.max_seq_len)
-        self.device = model.rope_freqs.device
-        model.setup_cache(1, self.max_len)
+    def __init__(self, runner: Runner, max_len: int) -> None:
+        self.runner = runner
+        self.max_len = min(max_len, runner.model.args.max_seq_len)
+        self.device = runner.device
+        runner.setup_cache(1, self.max_len)
         self.cached: list[int] = []  # the tokens whose keys/values are in the draft cache
 
     @torch.inference_mode()
@@ -63,15 +63,15 @@ class ModelDrafter:
             valid += 1
         new = ids[valid:]
         pos = torch.arange(valid, len(ids), device=self.device)[None]
-        logits = self.model(torch.tensor([new], device=self.device), pos,
-                            output_index=torch.tensor([len(new) - 1], device=self.device))
+        logits = self.runner.forward(torch.tensor([new], device=self.device), pos,
+                                     output_index=torch.tensor([len(new) - 1], device=self.device))
         self.cached = list(ids)
         out = [int(logits[0].argmax())]
         while len(out) < k:
             tok = torch.tensor([[out[-1]]], device=self.device)
             pos = torch.tensor([[len(self.cached)]], device=self.device)
             self.cached.append(out[-1])
-            out.append(int(self.model(tok, pos)[0, -1].argmax()))
+            out.append(int(self.runner.forward(tok, pos)[0, -1].argmax()))
         return out
 
 
@@ -86,10 +86,6 @@ class SpeculativeStats:
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
-    @property
-    def tokens_per_forward(self) -> float:
-        return self.tokens / self.target_forwards if self.target_forwards else 0.0
-
 
 class SpeculativeDecoder:
     """Greedy decoding of one sequence on `engine`, k draft tokens verified per target forward."""
@@ -97,7 +93,7 @@ class SpeculativeDecoder:
     def __init__(self, engine: Engine, drafter: Drafter, k: int = 4) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        if isinstance(drafter, ModelDrafter) and drafter.model is engine.model:
+        if isinstance(drafter, ModelDrafter) and drafter.runner.model is engine.model:
             raise ValueError("the draft model must be a separate model object (it needs its own "
                              "cache); load it a second time to let a model draft for itself")
         self.engine, self.drafter, self.k = engine, drafter, k
@@ -147,15 +143,15 @@ class SpeculativeDecoder:
 
 
 def speculative_stream(engine: Engine, prompts: list[list[int]], params: SamplingParams,
-                       draft: str | Any, k: int = 4) -> Iterator[Event]:
-    """Greedy events for each prompt in turn; draft is "ngram" (prompt lookup) or a draft model
-    (an LLM or a Transformer, not the target object itself). Each sequence's `draft_stats` holds
-    its SpeculativeStats."""
+                       draft: str | Runner, k: int = 4) -> Iterator[Event]:
+    """Greedy events for each prompt in turn; draft is "ngram" (prompt lookup) or a draft model's
+    Runner (not the target model object itself). Each sequence's `draft_stats` holds its
+    SpeculativeStats."""
     if isinstance(draft, str):
         if draft != "ngram":
             raise ValueError(f"draft must be 'ngram' or a model, got {draft!r}")
         drafter: Drafter = NgramDrafter()
     else:
-        drafter = ModelDrafter(getattr(draft, "model", draft), engine.max_len)
+        drafter = ModelDrafter(draft, engine.max_len)
     for prompt in prompts:
         yield from SpeculativeDecoder(engine, drafter, k).stream(prompt, params)

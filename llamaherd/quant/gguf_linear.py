@@ -1,6 +1,6 @@
 """GGUFLinear and GGUFEmbedding: layers whose GGUF-quantized weights stay packed in memory.
 
-With the C++ kernels (`llamaherd.quant.kernels`), Q4_0, Q4_1 and Q8_0 weights are repacked once
+With the C++ kernels (`llamaherd.kernels`), Q4_0, Q4_1 and Q8_0 weights are repacked once
 into panels of 16 interleaved rows (same size, plus padding to a multiple of 16 rows) and
 multiplied with 8-bit integer dot products; k-quants are first rewritten as one of those types
 (`llamaherd.quant.kquants`). A machine without the kernels dequantizes the layer in torch on
@@ -17,10 +17,11 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from llamaherd.quant import kernels
+from llamaherd import kernels
 from llamaherd.quant.dequant import dequantize, row_bytes
 from llamaherd.quant.kquants import KERNEL_TYPE, convert
 
+PANEL = 16  # rows interleaved in one packed panel (the kernels' layout)
 KERNEL_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
                           GGMLQuantizationType.Q8_0})
 
@@ -68,7 +69,7 @@ class GGUFLinear(nn.Module):
             raise ValueError(f"{qtype.name} weight of {out_features}x{in_features} needs uint8 "
                              f"data of shape {(out_features, width)}, got {got}")
         ops = _kernels_for(qtype, kernels)
-        self.source_qtype = qtype  # the file's type; k-quants are packed as a kernel type
+        source = qtype  # the file's type; k-quants are packed as a kernel type
         if ops is not None and qtype in KERNEL_TYPE:
             converted = [convert(p.numpy(), qtype) for p in parts]
             parts, qtype = [_tensor(c) for c, _ in converted], converted[0][1]
@@ -77,11 +78,12 @@ class GGUFLinear(nn.Module):
         else:
             data = parts[0] if len(parts) == 1 else torch.from_numpy(
                 np.concatenate([p.numpy() for p in parts]))
-        self._setup(data, qtype, in_features, out_features, packed=ops is not None)
+        self._setup(data, qtype, in_features, out_features, ops is not None, source)
 
     def _setup(self, data: torch.Tensor, qtype: GGMLQuantizationType, in_features: int,
-               out_features: int, packed: bool) -> None:
+               out_features: int, packed: bool, source_qtype: GGMLQuantizationType) -> None:
         self.qtype, self.qtype_id = qtype, int(qtype)
+        self.source_qtype = source_qtype
         self.in_features, self.out_features = in_features, out_features
         self.packed = packed  # True: `data` is in the kernels' layout, else GGUF's
         self.register_buffer("data", data, persistent=False)
@@ -94,26 +96,50 @@ class GGUFLinear(nn.Module):
 
     @classmethod
     def concat(cls, layers: Sequence[GGUFLinear]) -> GGUFLinear:
-        """One layer computing the outputs of `layers` side by side (e.g. fused wq|wk|wv)."""
+        """One layer computing the outputs of `layers` side by side (e.g. fused wq|wk|wv).
+        Layers that `split` made from one packed layer join back into it without a copy."""
         first = layers[0]
         for layer in layers[1:]:
             if (layer.qtype, layer.in_features, layer.packed) != (first.qtype, first.in_features,
                                                                   first.packed):
                 raise ValueError("GGUFLinear.concat needs layers of one qtype, in_features and "
                                  "layout")
-        datas = [layer.data for layer in layers]
-        if first.packed and any(layer.out_features % 16 for layer in layers[:-1]):
-            # padded 16-row panels inside the result: back to GGUF rows and pack them again
-            ops = kernels.load()
-            datas = [ops.repack([ops.unpack(layer.data, layer.qtype_id, layer.out_features)
-                                 for layer in layers], first.qtype_id)]
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        # numpy's single-threaded memcpy: torch.cat of uint8 with 2 threads is ~20x slower here
-        joined = torch.from_numpy(np.concatenate([d.numpy() for d in datas]))
-        fused._setup(joined, first.qtype, first.in_features,
-                     sum(layer.out_features for layer in layers), first.packed)
-        return fused
+        out_features = sum(layer.out_features for layer in layers)
+        joined = _adjacent(layers)
+        if joined is None:
+            datas = [layer.data for layer in layers]
+            if first.packed and any(layer.out_features % PANEL for layer in layers[:-1]):
+                # padded 16-row panels inside the result: back to GGUF rows and pack them again
+                ops = kernels.load()
+                datas = [ops.repack([ops.unpack(layer.data, layer.qtype_id, layer.out_features)
+                                     for layer in layers], first.qtype_id)]
+            # numpy's single-threaded memcpy: torch.cat of uint8 with 2 threads is much slower
+            joined = torch.from_numpy(np.concatenate([d.numpy() for d in datas]))
+        return cls._made(joined, first, out_features)
+
+    def split(self, sizes: Sequence[int]) -> list[GGUFLinear]:
+        """Layers computing consecutive blocks of `sizes` outputs each. Packed blocks that start
+        on a panel boundary are views of this layer's bytes (`concat` joins them back without a
+        copy); otherwise each block is packed again on its own."""
+        if sum(sizes) != self.out_features:
+            raise ValueError(f"sizes {list(sizes)} do not add up to {self.out_features} outputs")
+        starts = np.cumsum([0, *sizes[:-1]]).tolist()
+        if self.packed and all(n % PANEL == 0 for n in sizes[:-1]):
+            return [self._made(self.data[a:a + -(-n // PANEL) * PANEL], self, n)
+                    for a, n in zip(starts, sizes)]
+        rows = (kernels.load().unpack(self.data, self.qtype_id, self.out_features)
+                if self.packed else self.data)
+        return [GGUFLinear(rows[a:a + n], self.qtype, self.in_features, n,
+                           kernels=self.packed) for a, n in zip(starts, sizes)]
+
+    @classmethod
+    def _made(cls, data: torch.Tensor, like: GGUFLinear, out_features: int) -> GGUFLinear:
+        """A layer over `data`, laid out and typed as `like`, with `out_features` outputs."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup(data, like.qtype, like.in_features, out_features, like.packed,
+                     like.source_qtype)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed and x.dtype == torch.float32 and not (x.requires_grad
@@ -141,7 +167,7 @@ class GGUFLinear(nn.Module):
 
     def extra_repr(self) -> str:
         path = "kernels" if self.packed else "dequantize"
-        source = getattr(self, "source_qtype", self.qtype)
+        source = self.source_qtype
         qtype = self.qtype.name if source == self.qtype else f"{source.name} as {self.qtype.name}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"qtype={qtype}, path={path}")
@@ -170,6 +196,22 @@ class GGUFEmbedding(nn.Module):
     def as_linear(self) -> GGUFLinear:
         """The same packed rows as a linear layer dim -> num_embeddings (tied output)."""
         return self.table
+
+
+def _adjacent(layers: Sequence[GGUFLinear]) -> torch.Tensor | None:
+    """The packed bytes of `layers` as one tensor when they already lie one after another in one
+    buffer (as `split` leaves them), else None."""
+    datas = [layer.data for layer in layers]
+    if not layers[0].packed or any(layer.out_features % PANEL for layer in layers[:-1]):
+        return None
+    storage = datas[0].untyped_storage()
+    for a, b in zip(datas, datas[1:]):
+        if (b.untyped_storage().data_ptr() != storage.data_ptr()
+                or b.data_ptr() != a.data_ptr() + a.nbytes):
+            return None
+    rows = sum(d.shape[0] for d in datas)
+    return datas[0].new_empty(0).set_(storage, datas[0].storage_offset(),
+                                      (rows, datas[0].shape[1]))
 
 
 def _kernels_for(qtype: GGMLQuantizationType, wanted: bool | None):

@@ -18,7 +18,7 @@ from gguf.quants import Q4_K
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from llamaherd.quant import kernels
+from llamaherd import kernels
 
 # the kernel type each k-quant becomes
 KERNEL_TYPE = {T.Q4_K: T.Q4_1, T.Q5_K: T.Q8_0, T.Q6_K: T.Q8_0}

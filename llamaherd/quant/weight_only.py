@@ -26,8 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamaherd.checkpoint import set_module
-
 INT4_GROUP_SIZE = 32  # weights per (scale, zero) pair; 32 and 64 run equally fast here
 # From this many input rows on (long prompts), Int8Linear converts its weight to float32 and
 # runs a float32 GEMM: the bfloat16 int8 kernel costs about twice float32's time per row, while
@@ -264,7 +262,7 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
 
     Embeddings stay float. The output projection (the module named "output") follows
     OUTPUT_MODE, or TIED_OUTPUT_MODE when its weight is an embedding's (None: left as is). Works
-    before or after fuse_projections(). Returns `model`, changed in place.
+    before or after runtime.modules.fuse_projections(). Returns `model`, changed in place.
     """
     check_mode(mode)
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -277,5 +275,5 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
         elif name == "output":
             target = OUTPUT_MODE[mode]
         if target is not None:
-            set_module(model, name, LINEARS[target].from_linear(module))
+            model.set_submodule(name, LINEARS[target].from_linear(module))
     return model

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from llamaherd.generation.sampling import TokenLogprob
+from llamaherd.tokenizer import Tokenizer
 
 SYSTEM_FINGERPRINT = "llamaherd"
 
@@ -37,7 +38,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 class TokenText:
     """Token id -> (text, UTF-8 bytes) for logprob entries, cached per id."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self._cache: dict[int, tuple[str, list[int]]] = {}
 

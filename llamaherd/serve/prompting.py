@@ -2,113 +2,28 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from typing import Any
-
-from llamaherd.engine.guidance import GrammarError, Guidance
+from llamaherd.chat import ChatFormat, ToolSyntax, build_prompt
+from llamaherd.generation.constraints import GrammarError, Guidance
 from llamaherd.generation.sampling import SamplingParams
 from llamaherd.serve.errors import APIError
 from llamaherd.serve.schemas import ChatCompletionRequest, NamedToolChoice, _Sampling
+from llamaherd.tokenizer import Tokenizer
 
 
-@dataclass(frozen=True)
-class ToolSyntax:
-    """How the model writes one tool call: begin + {"name": ..., key: {...}} + end."""
-
-    begin: str
-    end: str
-    arguments_key: str
-
-    def may_start(self, text: str) -> bool:
-        """Whether output beginning with `text` may still turn out to be a tool call."""
-        t = text.lstrip()
-        if self.begin.strip():
-            head = self.begin.strip()
-            return head.startswith(t) or t.startswith(head)
-        return t == "" or t.startswith(("{", "["))
-
-
-def tool_syntax(fmt: Any) -> ToolSyntax:
-    """The call syntax of a chat format: Llama 3's bare JSON with "parameters", or the
-    <tool_call> blocks of ChatML models (both read back by tokenizer.toolcalls)."""
-    declared = getattr(fmt, "tool_call_syntax", None)
-    if declared is not None:
-        return ToolSyntax(*declared)
-    if fmt.tok.token_to_id("<|start_header_id|>") is not None:
-        return ToolSyntax("", "", "parameters")
-    return ToolSyntax("<tool_call>\n", "\n</tool_call>", "arguments")
-
-
-def _tool_instructions(tools: list[dict[str, Any]], syntax: ToolSyntax) -> str:
-    """A system-prompt paragraph offering `tools`, for chat templates that ignore them."""
-    listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    example = (f'{syntax.begin}{{"name": <function name>, "{syntax.arguments_key}": '
-               f'<JSON object of arguments>}}{syntax.end}')
-    return (f"You may call functions to answer. Available functions:\n<tools>\n{listing}\n"
-            f"</tools>\nTo call one, reply with only:\n{example}")
-
-
-def _written_calls(calls: list[dict[str, Any]], syntax: ToolSyntax) -> str:
-    out = []
-    for c in calls:
-        args = c["function"]["arguments"]
-        args = json.loads(args) if isinstance(args, str) and args.strip() else args or {}
-        body = json.dumps({"name": c["function"]["name"], syntax.arguments_key: args},
-                          ensure_ascii=False)
-        out.append(f"{syntax.begin}{body}{syntax.end}")
-    return "\n".join(out)
-
-
-def chat_prompt_ids(fmt: Any, req: ChatCompletionRequest) -> list[int]:
-    """The prompt in the model's chat format; tools are shown unless tool_choice is "none".
-
-    A chat template that ignores tools (it renders the same with and without them) gets them
-    described in the system message, and earlier calls written out in the model's call syntax.
-    """
-    messages = []
-    for m in req.messages:
-        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
-                             "content": m.text()}
-        if m.tool_calls:
-            d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
-        if m.tool_call_id is not None:
-            d["tool_call_id"] = m.tool_call_id
-        if m.name is not None:
-            d["name"] = m.name
-        messages.append(d)
-    tools = None
-    if req.tools and req.effective_tool_choice() != "none":
-        tools = [t.model_dump(exclude_none=True) for t in req.tools]
+def chat_prompt_ids(fmt: ChatFormat, req: ChatCompletionRequest) -> list[int]:
+    """The prompt in the model's chat format (chat.build_prompt); tools are offered unless
+    tool_choice is "none"."""
     try:
-        if tools and fmt.render(messages, tools=tools) == fmt.render(messages):
-            messages = _describe_tools(messages, tools, tool_syntax(fmt))
-            tools = None
-        return fmt.encode_dialog(messages, tools=tools, add_generation_prompt=True)
+        return build_prompt(fmt, [m.to_message() for m in req.messages], req.offered_tools())
     except ValueError as e:  # ChatFormatError, TokenizerError, bad tool-call JSON
         raise APIError(f"messages: {e}", param="messages") from e
 
 
-def _describe_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]],
-                    syntax: ToolSyntax) -> list[dict[str, Any]]:
-    out = [dict(m) for m in messages]
-    for m in out:
-        if m.get("tool_calls"):
-            written = _written_calls(m.pop("tool_calls"), syntax)
-            m["content"] = f"{m['content']}\n{written}" if m["content"] else written
-    note = _tool_instructions(tools, syntax)
-    if out[0]["role"] == "system":
-        out[0]["content"] = f"{out[0]['content']}\n\n{note}"
-    else:
-        out.insert(0, {"role": "system", "content": note})
-    return out
-
-
-def completion_prompt_ids(tokenizer: Any, prompt: str | list[int], vocab: int) -> list[int]:
+def completion_prompt_ids(tokenizer: Tokenizer, prompt: str | list[int], vocab: int) -> list[int]:
     if isinstance(prompt, str):
         if not prompt:
             raise APIError("prompt: must not be empty", param="prompt")
-        return tokenizer.encode(prompt, bos=bool(getattr(tokenizer, "add_bos", False)))
+        return tokenizer.encode_prompt(prompt)
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
         raise APIError(f"prompt: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
@@ -157,22 +72,24 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, vocab
 
 
 def chat_grammar(req: ChatCompletionRequest, guidance: Guidance,
-                 syntax: ToolSyntax) -> str | None:
+                 syntax: ToolSyntax | None) -> str | None:
     """The grammar that must hold for every choice, or None for free text (fails closed: a schema
-    the engine cannot enforce raises APIError)."""
+    the engine cannot enforce raises APIError). syntax: how the model writes tool calls (None:
+    it has no tool calling)."""
     choice, fmt = req.effective_tool_choice(), req.response_format
+    if choice != "none" and syntax is None:
+        raise APIError("tools: this model's chat format has no tool calling", param="tools")
     try:
         if choice == "required" or isinstance(choice, NamedToolChoice):
             tools = req.tools or []
             if isinstance(choice, NamedToolChoice):
                 tools = [t for t in tools if t.function.name == choice.function.name]
             return guidance.tool_call([(t.function.name, t.function.parameters) for t in tools],
-                                      syntax.begin, syntax.end, syntax.arguments_key)
+                                      syntax)
         if fmt is None or fmt.type == "text":
             if choice == "auto" and req.tools:  # text, or a call whose arguments fit its tool
                 return guidance.text_or_tool_call(
-                    [(t.function.name, t.function.parameters) for t in req.tools],
-                    syntax.begin, syntax.end, syntax.arguments_key)
+                    [(t.function.name, t.function.parameters) for t in req.tools], syntax)
             return None
         if fmt.type == "json_object":
             return guidance.json_schema(None)

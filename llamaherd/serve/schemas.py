@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from llamaherd import chat
+
 MAX_N = 8  # choices per request
 MAX_STOP = 8  # stop strings per request
 MAX_TOP_LOGPROBS = 20
@@ -60,6 +62,13 @@ class ChatMessage(_Strict):
             return self.content
         return "".join(p.text for p in self.content)
 
+    def to_message(self) -> chat.Message:
+        """The library's message ("developer" is a system message; arguments parsed from JSON:
+        bad JSON is a chat.ChatFormatError)."""
+        calls = [chat.ToolCall.from_dict(c.model_dump()) for c in self.tool_calls or ()]
+        role = "system" if self.role == "developer" else self.role
+        return chat.Message(role, self.text(), calls or None, self.tool_call_id, self.name)
+
 
 class FunctionDef(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
@@ -71,6 +80,9 @@ class FunctionDef(_Strict):
 class Tool(_Strict):
     type: Literal["function"]
     function: FunctionDef
+
+    def to_tool(self) -> chat.Tool:
+        return chat.Tool.from_any(self.model_dump(exclude_none=True))
 
 
 class NamedFunction(_Strict):
@@ -194,6 +206,12 @@ class ChatCompletionRequest(_Sampling):
         if not self.tools:
             return "none"
         return self.tool_choice if self.tool_choice is not None else "auto"
+
+    def offered_tools(self) -> list[chat.Tool]:
+        """The tools the model is shown: none when tool_choice is "none"."""
+        if self.effective_tool_choice() == "none":
+            return []
+        return [t.to_tool() for t in self.tools or ()]
 
 
 class CompletionRequest(_Sampling):

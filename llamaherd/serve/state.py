@@ -3,39 +3,40 @@
 from __future__ import annotations
 
 import asyncio
-from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
-from llamaherd.engine.guidance import Guidance
-from llamaherd.engine.scheduler import Job, JobCancelled, QueueFull, Scheduler
+from llamaherd.chat import ChatFormat
+from llamaherd.generation.constraints import Guidance
 from llamaherd.generation.sequence import Event
 from llamaherd.serve.errors import APIError, QueueFullError
 from llamaherd.serve.metrics import Metrics
+from llamaherd.serve.middleware import ANNOUNCED
 from llamaherd.serve.openai_format import TokenText
+from llamaherd.serve.scheduler import Job, JobCancelled, QueueFull, Scheduler
+from llamaherd.tokenizer import Tokenizer
 
-# While a generation request is read and checked: [whether it has submitted a job], set by
-# app.ExpectJobs, which announced it to the scheduler (Scheduler.expect)
-ANNOUNCED: ContextVar[list[bool] | None] = ContextVar("announced", default=None)
+if TYPE_CHECKING:
+    from llamaherd.api import LLM
 
 
 @dataclass
 class ServerState:
-    llm: Any  # llamaherd.api.LLM
+    llm: LLM
     model_id: str
     context: int  # tokens per sequence (prompt + output)
     scheduler: Scheduler
     guidance: Guidance
     metrics: Metrics
     token_text: TokenText
-    chat: Any  # the tokenizer's ChatFormat
+    chat: ChatFormat
     created: int = 0
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> Tokenizer:
         return self.llm.tokenizer
 
     @property
@@ -48,6 +49,8 @@ class ServerState:
                            f"{self.model_id!r}", 404, param="model", code="model_not_found")
 
     def submit(self, job: Job) -> Job:
+        """Queue a job with the scheduler, counting off its request's announcement (see
+        serve/middleware.py); a full queue is a 429."""
         announced = ANNOUNCED.get()
         first = announced is not None and not announced[0]
         if first:

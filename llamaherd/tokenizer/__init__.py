@@ -6,28 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from .base import StreamDecoder, Tokenizer, TokenizerError
-from .chat import ChatFormat, ChatFormatError, Message, ParsedMessage, Tool, ToolCall
 
-__all__ = [
-    "ChatFormat",
-    "ChatFormatError",
-    "Message",
-    "ParsedMessage",
-    "StreamDecoder",
-    "Tokenizer",
-    "TokenizerError",
-    "Tool",
-    "ToolCall",
-    "chat_format",
-    "load",
-    "resolve_path",
-]
-
-# A plain ChatML template for vocabularies with <|im_start|> but no template of their own.
-CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+__all__ = ["StreamDecoder", "Tokenizer", "TokenizerError", "load", "resolve_path"]
 
 # Files `load` looks for in a directory, best first: Meta's tokenizer.model is the reference
 # for Llama 3 (its tokenizer.json merges differ on some text), then tokenizer.json.
@@ -36,14 +16,12 @@ _DIR_FILES = ("tokenizer.model", "tokenizer.json")
 
 def resolve_path(path: str | Path) -> Path:
     """A tokenizer/model path, or a registered name from `llamaherd.hub` (fetched on first use)."""
-    p = Path(path)
-    if p.exists():
-        return p
     from llamaherd import hub
 
-    if str(path) in hub.REGISTRY:
-        return hub.resolve(str(path))
-    raise TokenizerError(f"{path}: no such file, directory or registered model name")
+    try:
+        return hub.resolve_path(path)
+    except (FileNotFoundError, hub.HubError) as e:
+        raise TokenizerError(str(e)) from None
 
 
 def _pick_in_dir(d: Path) -> Path:
@@ -87,43 +65,3 @@ def load(path: str | Path, *, metadata: dict[str, Any] | None = None) -> Tokeniz
         return load_llama3_model(p, chat_template=template)
     return load_model_file(p, add_bos=bool(config.get("add_bos_token", True)),
                            chat_template=template)
-
-
-def chat_format(tok: Tokenizer, template: str | None = None, kind: str | None = None,
-                **options: Any) -> ChatFormat:
-    """The chat format for `tok`.
-
-    `kind` forces one: "jinja" (with `template` or the tokenizer's own), "llama2", "llama3"
-    (plain 3.0), "llama3.1" or "chatml". Otherwise: an explicit `template`, else the template the
-    tokenizer file carries, else by vocabulary: Llama 3 headers -> Llama 3.1 format (3.0 when the
-    vocabulary lacks <|python_tag|>), <|im_start|> -> ChatML, <s>/</s> -> Llama 2. `options` go to
-    the format (e.g. `today=` for Llama 3.1, template variables for Jinja).
-    """
-    from .llama_formats import Llama2ChatFormat, Llama3ChatFormat
-    from .templates import JinjaChatFormat
-
-    specials = tok.special_tokens
-    if kind is None:
-        if template is not None or tok.chat_template:
-            kind = "jinja"
-        elif "<|start_header_id|>" in specials:
-            kind = "llama3.1" if "<|python_tag|>" in specials else "llama3"
-        elif "<|im_start|>" in specials:
-            kind = "chatml"
-        elif tok.bos_id is not None and tok.eos_id is not None:
-            kind = "llama2"
-        else:
-            raise ChatFormatError(f"{tok.source}: no chat template and no known chat vocabulary")
-    if kind == "jinja":
-        text = template if template is not None else tok.chat_template
-        if not text:
-            raise ChatFormatError(f"{tok.source}: the tokenizer has no chat template")
-        return JinjaChatFormat(tok, text, **options)
-    if kind == "chatml":
-        return JinjaChatFormat(tok, CHATML_TEMPLATE, **options)
-    if kind == "llama2":
-        return Llama2ChatFormat(tok)
-    if kind in ("llama3", "llama3.1"):
-        return Llama3ChatFormat(tok, version="3" if kind == "llama3" else "3.1", **options)
-    raise ChatFormatError(f"unknown chat format kind {kind!r} "
-                          "(known: jinja, llama2, llama3, llama3.1, chatml)")

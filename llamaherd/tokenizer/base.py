@@ -65,6 +65,11 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, source={self.source!r})"
 
+    @property
+    def special_pattern(self) -> re.Pattern[str] | None:
+        """A regex matching any special token's text (longest first), None if there are none."""
+        return self._special_re
+
     # ---- what a subclass provides -------------------------------------------------------------
     def encode_ordinary(self, text: str) -> list[int]:
         """Ids for `text` with special-token strings treated as plain text (no BOS/EOS)."""
@@ -83,6 +88,11 @@ class Tokenizer:
             raise TokenizerError(f"encode() needs a str, got {type(text).__name__}")
         ids = self._encode_trusted([(text, True)]) if allow_special else self.encode_ordinary(text)
         return self._wrap(ids, bos, eos) if bos or eos else ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a plain-text prompt, with the BOS token first when the model expects one
+        (add_bos); special-token strings in `text` stay plain text."""
+        return self.encode(text, bos=self.add_bos)
 
     def encode_segments(self, segments: Sequence[tuple[str, bool]], bos: bool = False,
                         eos: bool = False) -> list[int]:

@@ -1,0 +1,32 @@
+"""The `llamaherd` command: one table from sub-command to the function that does the work.
+
+Each command module imports what it needs inside its commands, so `llamaherd --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import click
+
+from llamaherd.cli.generate import generate, run
+from llamaherd.cli.models import convert, info, list_models, pull, tokenize
+from llamaherd.cli.serve import serve
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="llamaherd")
+def main() -> None:
+    """llamaherd: run, serve and convert Llama-architecture models."""
+
+
+COMMANDS: list[click.Command] = [
+    run,          # chat with a model, interactively or one question
+    generate,     # complete a raw prompt
+    serve,        # the OpenAI-compatible server and web chat page
+    pull,         # fetch a registered model into the cache
+    list_models,  # registered names
+    info,         # architecture, parameters, tensor types, template
+    convert,      # between GGUF, Hugging Face and Meta layouts
+    tokenize,     # text -> token ids
+]
+for command in COMMANDS:
+    main.add_command(command)

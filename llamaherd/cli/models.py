@@ -1,0 +1,70 @@
+"""`llamaherd pull | list | info | convert | tokenize`: models, checkpoints and vocabularies."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from llamaherd.cli.common import friendly
+from llamaherd.hub import DEFAULT_MODEL
+
+
+@click.command()
+@click.argument("name")
+@friendly
+def pull(name: str) -> None:
+    """Fetch a registered model into the local cache."""
+    from llamaherd import hub
+
+    if name not in hub.REGISTRY:
+        raise hub.HubError(f"unknown model name {name!r}; known names: "
+                           f"{', '.join(sorted(hub.REGISTRY))}")
+    click.echo(str(hub.pull(name)))
+
+
+@click.command(name="list")
+def list_models() -> None:
+    """List the registered model names and whether each is cached."""
+    from llamaherd import hub
+
+    for name, art in sorted(hub.REGISTRY.items()):
+        mark = "cached" if hub.is_cached(name) else "      "
+        click.echo(f"{name:28s} {mark}  {art.description}")
+
+
+@click.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@friendly
+def info(model: str) -> None:
+    """Architecture, parameter count, tensor types, context length and chat template of MODEL."""
+    from llamaherd.checkpoint.info import describe
+
+    click.echo(describe(model))
+
+
+@click.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--to", "fmt", type=click.Choice(["hf", "gguf", "meta"]), required=True)
+@click.option("--type", "qtype", default="F32", show_default=True,
+              help="GGUF tensor type for weight matrices: F32, F16, BF16, Q8_0, Q4_1 or Q4_0.")
+@friendly
+def convert(src: str, dst: str, fmt: str, qtype: str) -> None:
+    """Convert a checkpoint between GGUF, Hugging Face and Meta layouts."""
+    from llamaherd.checkpoint.convert import convert as do_convert
+
+    click.echo(str(do_convert(src, dst, fmt, gguf_type=qtype)))
+
+
+@click.command()
+@click.argument("model")
+@click.argument("text")
+@click.option("--bos", is_flag=True, help="Prepend the beginning-of-sequence token.")
+@friendly
+def tokenize(model: str, text: str, bos: bool) -> None:
+    """Print TEXT's token ids under MODEL's (or a tokenizer file's) vocabulary as JSON."""
+    from llamaherd import tokenizer as tok
+    from llamaherd.hub import resolve_path
+
+    click.echo(json.dumps(tok.load(resolve_path(model)).encode(text, bos=bos)))

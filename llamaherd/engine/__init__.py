@@ -1,1 +1,0 @@
-"""Serving-side engine layer: the continuous-batching scheduler and grammar constraints."""

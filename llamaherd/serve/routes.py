@@ -1,0 +1,111 @@
+"""The server's endpoints: OpenAI's chat and text completions and models, tokenizer helpers,
+health, metrics and the web page. Each handler finds the server's state on the app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+
+from llamaherd.serve.chat_api import ChatRun
+from llamaherd.serve.completions_api import CompletionRun
+from llamaherd.serve.errors import APIError
+from llamaherd.serve.metrics import CONTENT_TYPE
+from llamaherd.serve.prompting import chat_prompt_ids
+from llamaherd.serve.run import Run
+from llamaherd.serve.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from llamaherd.serve.state import ServerState
+
+STATIC = Path(__file__).parent / "static"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+router = APIRouter()
+
+
+def server(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    s = server(request)
+    return {"status": "ok", "model": s.model_id, "queue_depth": s.scheduler.queue_depth}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(server(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+def model_card(s: ServerState) -> dict[str, Any]:
+    return {"id": s.model_id, "object": "model", "created": s.created,
+            "owned_by": "llamaherd", "max_model_len": s.context}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(server(request))]}
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(model: str, request: Request) -> dict[str, Any]:
+    s = server(request)
+    s.check_model(model)
+    return model_card(s)
+
+
+async def respond(run: Run, stream: bool, request: Request) -> Response:
+    if stream:
+        return StreamingResponse(await run.stream(), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+    return JSONResponse(await run.complete(request))
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+    return await respond(ChatRun(server(request), body), bool(body.stream), request)
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    return await respond(CompletionRun(server(request), body), bool(body.stream), request)
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+    s = server(request)
+    if body.model is not None:
+        s.check_model(body.model)
+    if body.messages is not None:
+        chat_req = ChatCompletionRequest.model_validate(
+            {"model": s.model_id, "messages": [m.model_dump() for m in body.messages]})
+        ids = chat_prompt_ids(s.chat, chat_req)
+    elif body.add_special_tokens:
+        ids = s.tokenizer.encode_prompt(body.prompt or "")
+    else:
+        ids = s.tokenizer.encode(body.prompt or "")
+    return {"tokens": ids, "count": len(ids), "max_model_len": s.context}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
+    s = server(request)
+    if body.model is not None:
+        s.check_model(body.model)
+    bad = [t for t in body.tokens if not 0 <= t < s.tokenizer.vocab_size]
+    if bad:
+        raise APIError(f"tokens: id {bad[0]} is outside the vocabulary "
+                       f"(0..{s.tokenizer.vocab_size - 1})", param="tokens")
+    return {"prompt": s.tokenizer.decode(body.tokens)}
