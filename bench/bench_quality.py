@@ -28,6 +28,8 @@ import torch
 from llamaherd import api
 from llamaherd.eval import eval_text, perplexity
 from llamaherd.quant.weight_only import MODES
+from llamaherd.runtime import Runner
+from llamaherd.runtime.modules import fuse_projections
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT_LEN, DECODE_LEN = 32, 64
@@ -70,28 +72,28 @@ def native_path(model: torch.nn.Module) -> str:
 
 
 @torch.inference_mode()
-def decode_tok_s(model: torch.nn.Module, prompt: list[int], runs: int) -> float:
+def decode_tok_s(runner: Runner, prompt: list[int], runs: int) -> float:
     """Batch-1 greedy decode speed through the KV cache (median of `runs`)."""
-    model.setup_cache(1, PROMPT_LEN + DECODE_LEN + 1)
+    runner.setup_cache(1, PROMPT_LEN + DECODE_LEN + 1)
     speeds = []
     for _ in range(runs + 1):  # the first run warms up
         ids = torch.tensor([prompt])
-        tok = model(ids, torch.arange(PROMPT_LEN)[None],
-                    output_index=torch.tensor([PROMPT_LEN - 1])).argmax(-1)
+        tok = runner.forward(ids, torch.arange(PROMPT_LEN)[None],
+                             output_index=torch.tensor([PROMPT_LEN - 1])).argmax(-1)
         t0 = time.perf_counter()
         for i in range(DECODE_LEN):
             pos = torch.tensor([[PROMPT_LEN + i]])
-            tok = model(tok[:, None], pos, output_index=torch.zeros(1, dtype=torch.long)).argmax(-1)
+            tok = runner.forward(tok[:, None], pos,
+                                 output_index=torch.zeros(1, dtype=torch.long)).argmax(-1)
         speeds.append(DECODE_LEN / (time.perf_counter() - t0))
-    model.drop_cache()
+    runner.model.drop_cache()
     return statistics.median(speeds[1:])
 
 
 def run_mode(model_name: str, mode: str, text: str, runs: int) -> dict[str, object]:
     t0 = time.perf_counter()
     llm = load_mode(model_name, mode)
-    if llm.model.layers[0].attention.wqkv is None:  # the packed GGUF load fuses by itself
-        llm.model.fuse_projections()
+    fuse_projections(llm.model)  # runtime.prepare fuses packed GGUF models by itself
     load_s = time.perf_counter() - t0
     row: dict[str, object] = {"mode": mode, "load_s": round(load_s, 2),
                               "weights_mb": round(weight_mb(llm.model), 1)}
@@ -101,7 +103,7 @@ def run_mode(model_name: str, mode: str, text: str, runs: int) -> dict[str, obje
     row["perplexity"] = perplexity(llm, text)
     row["perplexity_s"] = round(time.perf_counter() - t0, 1)
     prompt = llm.tokenizer.encode(text)[:PROMPT_LEN]
-    row["decode_tok_s"] = round(decode_tok_s(llm.model, prompt, runs), 1)
+    row["decode_tok_s"] = round(decode_tok_s(llm.runner, prompt, runs), 1)
     return row
 
 

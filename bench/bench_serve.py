@@ -45,9 +45,11 @@ from typing import Any
 
 import aiohttp
 
-from llamaherd import hub
-from llamaherd.hub import DEFAULT_MODEL
-from llamaherd.serve.launch import ServerProcess, free_port, llamaherd_server
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: its tests/support
+
+from llamaherd import hub  # noqa: E402
+from llamaherd.hub import DEFAULT_MODEL  # noqa: E402
+from tests.support.server import ServerProcess, free_port, llamaherd_server  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "serve.json"
 PREFIX_RESULTS = Path(__file__).parent / "results" / "serve_prefix.json"

@@ -145,6 +145,20 @@ class LLM:
                 f"layers={a.n_layers}, vocab={a.vocab_size})")
 
 
+def open_checkpoint(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None,
+                    packed: bool = False) -> tuple[Checkpoint, Tokenizer]:
+    """The checkpoint (a pure Transformer, nothing applied to it yet) and its tokenizer: what
+    load() starts from, and what training starts from. dtype and packed as for
+    load_checkpoint; dtype may be a name ("float32", "bfloat16")."""
+    from llamaherd import tokenizer as tok
+
+    path = hub.resolve_path(name_or_path)
+    ckpt = load_checkpoint(path, dtype=_parse_dtype(dtype), packed=packed,
+                           read_tokenizer=lambda file, meta: tok.load(file, metadata=meta))
+    tokenizer = ckpt.tokenizer if ckpt.tokenizer is not None else tok.load(ckpt.path)
+    return ckpt, tokenizer
+
+
 def load(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None,
          quant: str | None = None) -> LLM:
     """Load a registered name, a .gguf file, a Hugging Face directory or a Meta directory.
@@ -155,16 +169,12 @@ def load(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None,
     unless dtype says otherwise; GGUF files are dequantized first); see llamaherd.quant.weight_only.
     Then runtime.prepare readies the model for inference.
     """
-    from llamaherd import tokenizer as tok
     from llamaherd.quant.weight_only import check_mode, quantize_model
 
     if quant is not None:
         check_mode(quant)
         dtype = "float32" if dtype is None else dtype
-    path = hub.resolve_path(name_or_path)
-    ckpt = load_checkpoint(path, dtype=_parse_dtype(dtype), packed=dtype is None,
-                           read_tokenizer=lambda file, meta: tok.load(file, metadata=meta))
+    ckpt, tokenizer = open_checkpoint(name_or_path, dtype=dtype, packed=dtype is None)
     if quant is not None:
         quantize_model(ckpt.model, quant)
-    tokenizer = ckpt.tokenizer if ckpt.tokenizer is not None else tok.load(ckpt.path)
     return LLM(ckpt, tokenizer, runtime.prepare(ckpt.model))

@@ -108,10 +108,13 @@ class StepContext:
     rot: torch.Tensor  # (B, T, 1, D/2) complex rotations for those positions
     rows: torch.Tensor | slice  # cache row of each batch row: (B,) ids, or a slice if consecutive
     length: int  # cached positions any query can see: max(pos) + 1
-    mask: torch.Tensor | None  # (B, 1, T, length) True where a query may attend; None = all
+    mask: torch.Tensor | None  # True where a query may attend: (B, 1, T, length) over the
+    # cache, or (B, 1, T, T) over packed rows' own documents; None = all
+    packed: bool = False  # the mask keeps each token to its own document (no cache)
 
     @staticmethod
-    def make(pos: torch.Tensor, rows: torch.Tensor | None, freqs: torch.Tensor) -> StepContext:
+    def make(pos: torch.Tensor, rows: torch.Tensor | None, freqs: torch.Tensor,
+             documents: torch.Tensor | None = None) -> StepContext:
         B, T = pos.shape
         if rows is None:
             rows = slice(0, B)
@@ -121,6 +124,10 @@ class StepContext:
         rot = torch.polar(torch.ones_like(angles), angles)[:, :, None]
         length = int(pos.max()) + 1
         mask = None
+        if documents is not None:  # packed rows: earlier tokens of the same document only
+            same = documents[:, :, None] == documents[:, None, :]
+            return StepContext(pos, rot, rows, length,
+                               (same & (pos[:, :, None] >= pos[:, None, :]))[:, None], True)
         if not (B == 1 and T == 1):  # one query at the newest position sees every cached key
             mask = (torch.arange(length, device=pos.device) <= pos[:, :, None])[:, None]
         return StepContext(pos, rot, rows, length, mask)
@@ -143,7 +150,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | N
     and v are written into the cache first). Returns (B, T, H, D)."""
     T = q.shape[1]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-    if cache is None:  # plain causal attention over the input
+    if cache is None and ctx.packed:  # packed rows: each document attends to itself
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=True)
+    elif cache is None:  # plain causal attention over the input
         out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
     else:
         k, v = cache.update(ctx.rows, ctx.pos, k, v, ctx.length)
@@ -248,7 +257,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache_rows: torch.Tensor | None = None,
-                output_index: torch.Tensor | None = None) -> torch.Tensor:
+                output_index: torch.Tensor | None = None,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for `tokens` (B, T), in float32 (float64 for a float64 model).
 
         input_pos: (B, T) or (T,) position of each token (default 0..T-1); with a cache, keys and
@@ -256,20 +266,24 @@ class Transformer(nn.Module):
         cache_rows: (B,) which cache row each batch row uses (default 0..B-1).
         output_index: (B,) if given, only the logits of token output_index[b] in each row are
         computed, shape (B, V); otherwise (B, T, V).
+        documents: (B, T) without a cache, for rows that pack several examples: the example each
+        token belongs to; attention never crosses examples (input_pos restarts with each).
         """
-        h = self.blocks(tokens, input_pos, cache_rows)
+        h = self.blocks(tokens, input_pos, cache_rows, documents)
         if output_index is not None:
             h = h[torch.arange(h.shape[0], device=h.device), output_index]
         return self.head(h)
 
     def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
-                      cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+                      cache_rows: torch.Tensor | None = None,
+                      documents: torch.Tensor | None = None) -> torch.Tensor:
         """The final norm's output (B, T, dim): what the output projection reads, and what a
-        reward or value head reads instead."""
-        return self.norm(self.blocks(tokens, input_pos, cache_rows))
+        reward or value head reads instead (arguments as for forward)."""
+        return self.norm(self.blocks(tokens, input_pos, cache_rows, documents))
 
     def blocks(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
-               cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+               cache_rows: torch.Tensor | None = None,
+               documents: torch.Tensor | None = None) -> torch.Tensor:
         """The embeddings of `tokens` (B, T) through every block: (B, T, dim), before the final
         norm (arguments as for forward)."""
         B, T = tokens.shape
@@ -277,7 +291,9 @@ class Transformer(nn.Module):
             input_pos = torch.arange(T, device=tokens.device)
         if input_pos.dim() == 1:
             input_pos = input_pos.expand(B, T)
-        ctx = StepContext.make(input_pos, cache_rows, self.rope_freqs)
+        if documents is not None and self.layers[0].attention.cache is not None:
+            raise ValueError("documents (packed rows) are for forward passes without a cache")
+        ctx = StepContext.make(input_pos, cache_rows, self.rope_freqs, documents)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, ctx)

@@ -37,7 +37,7 @@ def tiny_model() -> Callable[..., Transformer]:
 @pytest.fixture
 def tiny_gguf(tmp_path: Path) -> Path:
     """A tiny random model as an F32 GGUF file (no vocabulary)."""
-    from llamaherd.checkpoint.convert import write_gguf
+    from llamaherd.checkpoint.gguf_write import write_gguf
 
     return write_gguf(make_tiny_model(), tmp_path / "tiny.gguf")
 
@@ -46,8 +46,8 @@ def tiny_gguf(tmp_path: Path) -> Path:
 def tiny_gguf_with_vocab(tmp_path: Path) -> Path:
     """A tiny random model carrying the real Llama 2 SentencePiece vocabulary (32000 tokens), so
     that load() finds a tokenizer in it; its output is of course nonsense."""
-    from llamaherd.checkpoint.convert import write_gguf
     from llamaherd.checkpoint.gguf import read_gguf
+    from llamaherd.checkpoint.gguf_write import write_gguf
 
     vocab = FIXTURES / "ggml-vocab-llama-spm.gguf"
     assert vocab.exists(), f"missing shared fixture {vocab}"

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from llamaherd.checkpoint.convert import write_gguf
 from llamaherd.checkpoint.gguf import read_gguf
+from llamaherd.checkpoint.gguf_write import write_gguf
 from llamaherd.config import PRESETS, ModelArgs, RopeScaling, ffn_hidden_dim
 from llamaherd.model import Transformer
 

@@ -9,7 +9,7 @@ import torch
 
 from llamaherd.api import LLM, load
 from llamaherd.checkpoint import load_checkpoint
-from llamaherd.checkpoint.convert import write_gguf
+from llamaherd.checkpoint.gguf_write import write_gguf
 from llamaherd.checkpoint.hf import save_hf
 from llamaherd.checkpoint.keymaps import hf_to_meta_rows, is_rotary
 from llamaherd.config import ModelArgs

@@ -47,12 +47,12 @@ def info(model: str) -> None:
 @click.argument("src")
 @click.argument("dst")
 @click.option("--to", "fmt", type=click.Choice(["hf", "gguf", "meta"]), required=True)
-@click.option("--type", "qtype", default="F32", show_default=True,
+@click.option("--quant", "--type", "qtype", default="F32", show_default=True,
               help="GGUF tensor type for weight matrices: F32, F16, BF16, Q8_0, Q4_1 or Q4_0.")
 @friendly
 def convert(src: str, dst: str, fmt: str, qtype: str) -> None:
-    """Convert a checkpoint between GGUF, Hugging Face and Meta layouts."""
-    from llamaherd.checkpoint.convert import convert as do_convert
+    """Convert a model between GGUF, Hugging Face and Meta layouts (its vocabulary too)."""
+    from llamaherd.convert import convert as do_convert
 
     click.echo(str(do_convert(src, dst, fmt, gguf_type=qtype)))
 

@@ -52,9 +52,9 @@ def serve(model: str, host: str, port: int, max_seqs: int, max_queue: int, ctx_s
                      threads=threads, prefix_cache=prefix_cache,
                      stream_interval=stream_interval)
     click.echo(f"serving {model_id} on http://{host}:{port}/  (OpenAI API at /v1)", err=True)
-    # uvicorn takes uvloop and httptools (dependencies) where installed: against its pure-Python
-    # defaults (asyncio, h11), eight streams got ~4% more tokens a second here (bench_serve), the
-    # event loop's thread sharing the two cores with the model's
+    # uvicorn takes uvloop and httptools (dependencies) where installed: cheaper per token than
+    # its pure-Python defaults (asyncio, h11), for an event loop that shares the cores with the
+    # model's threads (docs/performance.md)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
 
 

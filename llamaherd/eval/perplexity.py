@@ -66,5 +66,5 @@ def perplexity(llm: LLM, text: str, *, window: int = 512, stride: int = 256) -> 
 
     The model runs without its KV cache, `window` tokens at a time, advancing by `stride`.
     """
-    ids = llm.tokenizer.encode(text, bos=llm.tokenizer.add_bos)
+    ids = llm.tokenizer.encode_prompt(text)
     return perplexity_of_ids(llm.logits, ids, window=window, stride=stride)

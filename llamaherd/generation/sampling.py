@@ -138,8 +138,8 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 def argmax(logits: torch.Tensor) -> list[int]:
     """The index of the largest logit of each row (the first of equals, as torch.argmax), for
-    logits (..., V). On the CPU through numpy: torch's argmax over 49k-entry rows is 10x slower
-    here (0.25 ms for 8 rows, a visible share of a batched decode step)."""
+    logits (..., V). On the CPU through numpy, whose argmax over long rows is several times
+    faster than torch's (a visible share of a batched decode step otherwise)."""
     if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
         return logits.detach().numpy().argmax(-1).reshape(-1).tolist()
     return logits.argmax(-1).reshape(-1).tolist()
@@ -187,7 +187,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     if first.top_k or first.top_p < 1 or first.min_p:
         rows, temperatures = _filtered(rows, [params[i] for i in drawn]), torch.ones(len(drawn))
     # Inverse-CDF draw: one uniform number per row. (torch.multinomial draws an exponential per
-    # vocabulary entry: ~0.85 ms for 49k entries here, more than a decode step's share.)
+    # vocabulary entry, which costs more than a decode step can spare.)
     u = torch.cat([torch.rand(1, generator=generators[i], dtype=torch.float64) for i in drawn])
     for i, token in zip(drawn, _draw(rows.float(), temperatures, u)):
         if token < 0:
@@ -199,8 +199,9 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
 def _draw(logits: torch.Tensor, temperatures: torch.Tensor, u: torch.Tensor) -> list[int]:
     """For each row of logits (B, V), the first token whose running sum of softmax(logits / t)
     passes u (a uniform number in [0, 1)), so a token of probability 0 is never drawn; -1 where
-    every logit is -inf. The C++ kernel does it in one pass without temporaries (at batch 8,
-    torch's softmax, cumsum and search tensors cost ~1 ms a step here); torch is the fallback."""
+    every logit is -inf. The C++ kernel does it in one pass without temporaries (torch's
+    softmax, cumsum and search tensors are each a vocabulary-sized allocation); torch is the
+    fallback."""
     from llamaherd import kernels
 
     ext = kernels.load() if logits.device.type == "cpu" else None

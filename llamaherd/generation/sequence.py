@@ -17,6 +17,7 @@ from llamaherd.generation.sampling import (
     token_logprob,
 )
 from llamaherd.generation.text import TextStream
+from llamaherd.tokenizer import Tokenizer
 
 _ids = itertools.count()
 
@@ -41,7 +42,7 @@ class Event:
 class Sequence:
     """Per-sequence state; the engine (or the speculative decoder) feeds it tokens."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Any,
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
                  max_len: int, seed_offset: int = 0, truncated: int = 0) -> None:
         self.id = next(_ids)
         self.prompt_ids = list(prompt_ids)
@@ -60,7 +61,7 @@ class Sequence:
         self.next_input: int | None = None  # the last sampled token, not fed to the model yet
         self.stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
-            self.stop_ids |= set(getattr(tokenizer, "stop_ids", ()) or ())
+            self.stop_ids |= tokenizer.stop_ids
         self.stream = TextStream(tokenizer.stream_decoder(), params.stop)
         seed = secrets.randbits(63) if params.seed is None else params.seed + seed_offset
         self.generator = torch.Generator().manual_seed(seed)

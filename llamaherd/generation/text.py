@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from llamaherd.tokenizer import StreamDecoder
 
 
 class TextStream:
@@ -13,7 +13,7 @@ class TextStream:
     never splits a UTF-8 character).
     """
 
-    def __init__(self, decoder: Any, stop: list[str]) -> None:
+    def __init__(self, decoder: StreamDecoder, stop: list[str]) -> None:
         self.decoder = decoder
         self.stop = stop
         self.held = ""  # decoded text not emitted yet

@@ -245,7 +245,7 @@ MODES = tuple(LINEARS)
 # an int4 output alone costs about 5% perplexity, an int8 one about 0.2%.
 OUTPUT_MODE = {"int8": "int8", "int4": "int8", "fp8": "fp8"}
 # A tied output projection shares the (float) embedding's weight, so quantizing it means a copy.
-# int8 kernels multiply it about 3x faster than float32, so the copy pays for its memory; fp8
+# int8 kernels multiply it faster than float32, so the copy pays for its memory; fp8
 # dequantizes on every call, slower than the float32 matrix it would replace, so it stays float.
 TIED_OUTPUT_MODE: dict[str, str | None] = {"int8": "int8", "int4": "int8", "fp8": None}
 

@@ -9,6 +9,7 @@ for the rest; for any other model, the model's own forward.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from llamaherd import kernels
 from llamaherd.model import KVCache, Transformer
@@ -35,16 +36,20 @@ class Runner:
         self.model = model.eval()
         self.decoder = decoder
         self.kv_dtype = kv_dtype or model.dtype
-        self.attentions = [layer.attention for layer in model.layers]
 
     @property
     def device(self) -> torch.device:
         return self.model.rope_freqs.device
 
     @property
+    def attentions(self) -> list[nn.Module]:
+        """Each layer's attention module (as the model holds them now)."""
+        return [layer.attention for layer in self.model.layers]
+
+    @property
     def cache(self) -> KVCache | None:
         """The first layer's cache: the model's current cache, whoever set it up."""
-        return self.attentions[0].cache
+        return self.model.layers[0].attention.cache
 
     def setup_cache(self, rows: int, max_len: int) -> None:
         """A cache of `rows` rows of `max_len` positions whose memory is taken as it is written."""

@@ -24,7 +24,7 @@ class HFTokenizer(Tokenizer):
     def __init__(self, tk: tokenizers.Tokenizer, *, special_tokens: dict[str, int] | None = None,
                  **kwargs: Any) -> None:
         tk.encode_special_tokens = True
-        self._tk = tk
+        self.backend = tk  # the `tokenizers.Tokenizer`
         if special_tokens is None:
             special_tokens = {t.content: i for i, t in tk.get_added_tokens_decoder().items()
                               if t.special}
@@ -36,11 +36,11 @@ class HFTokenizer(Tokenizer):
                          special_tokens=special_tokens, **kwargs)
 
     def encode_ordinary(self, text: str) -> list[int]:
-        return self._tk.encode(text, add_special_tokens=False).ids
+        return self.backend.encode(text, add_special_tokens=False).ids
 
     def _iter_pieces(self) -> Iterator[tuple[str, bytes]]:
         for i in range(self.vocab_size):
-            piece = self._tk.id_to_token(i) or ""
+            piece = self.backend.id_to_token(i) or ""
             yield piece, self._piece_bytes(piece, i in self.special_ids)
 
     def _piece_bytes(self, piece: str, special: bool) -> bytes:

@@ -24,6 +24,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def __init__(self, proto: pb.ModelProto, *, add_bos: bool, add_eos: bool = False,
                  chat_template: str | None = None, source: str = "") -> None:
+        self.proto = proto  # the model as given (written back out by tokenizer.save)
         norm = proto.normalizer_spec
         self.add_space_prefix = norm.add_dummy_prefix
         self.strips_leading_space = norm.add_dummy_prefix

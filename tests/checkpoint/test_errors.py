@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from llamaherd.checkpoint import CheckpointError, load_checkpoint
-from llamaherd.checkpoint.convert import write_gguf
+from llamaherd.checkpoint.gguf_write import write_gguf
 from llamaherd.checkpoint.hf import save_hf
 from llamaherd.checkpoint.info import describe
 from llamaherd.checkpoint.meta import save_meta

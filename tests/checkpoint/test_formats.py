@@ -12,12 +12,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llamaherd.checkpoint import load_checkpoint
-from llamaherd.checkpoint.convert import convert, write_gguf
 from llamaherd.checkpoint.gguf import read_gguf
+from llamaherd.checkpoint.gguf_write import write_gguf
 from llamaherd.checkpoint.hf import save_hf
 from llamaherd.checkpoint.info import describe
 from llamaherd.checkpoint.meta import save_meta
 from llamaherd.config import ModelArgs
+from llamaherd.convert import convert
 from llamaherd.model import Transformer
 from tests.support.models import TINY, TINY_LLAMA3, make_tiny_model
 

@@ -12,8 +12,8 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from llamaherd import runtime
 from llamaherd.checkpoint import load_checkpoint
-from llamaherd.checkpoint.convert import write_gguf
 from llamaherd.checkpoint.gguf import read_gguf
+from llamaherd.checkpoint.gguf_write import write_gguf
 from llamaherd.checkpoint.keymaps import from_internal
 from llamaherd.runtime import Runner
 from tests.support.cases import rewrite_gguf

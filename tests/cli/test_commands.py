@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from llamaherd import hub
 from llamaherd.checkpoint import load_checkpoint
-from llamaherd.checkpoint.convert import write_gguf
+from llamaherd.checkpoint.gguf_write import write_gguf
 from llamaherd.cli import main
 from tests.support.models import TINY, make_tiny_model
 

@@ -14,7 +14,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from llamaherd import kernels
-from llamaherd.checkpoint.convert import write_gguf
+from llamaherd.checkpoint.gguf_write import write_gguf
 from llamaherd.quant.gguf_linear import GGUFLinear
 from tests.support.cases import attention_case, draw_cases, reference_attention
 from tests.support.models import make_tiny_model

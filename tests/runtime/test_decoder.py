@@ -10,7 +10,7 @@ import torch
 import llamaherd
 from llamaherd import runtime
 from llamaherd.checkpoint import load_checkpoint
-from llamaherd.checkpoint.convert import write_gguf
+from llamaherd.checkpoint.gguf_write import write_gguf
 from llamaherd.runtime import Runner
 from llamaherd.runtime import runner as runner_module
 from tests.support.cases import attention_case, reference_attention, rewrite_gguf

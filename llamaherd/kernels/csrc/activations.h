@@ -90,7 +90,7 @@ void quantize_block(const float* x, int64_t k, float coef, Activations& a) {
 #ifdef LH_AVX512
 // Blocks k0..k0+15 at once, with quantize_block's arithmetic: their 16 maxima and 16 sums each
 // come from one fold of 16 vectors (simd.h) instead of 16 horizontal reductions, which took most
-// of a block's ~40 cycles (~0.3 ms of a batch-8 decode step).
+// of a block's time.
 void quantize_16_blocks(const float* x, int64_t k0, float coef, Activations& a) {
   __m512 m[16];
 #pragma GCC unroll 16

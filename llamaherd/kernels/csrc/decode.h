@@ -18,9 +18,8 @@ void prefetch_row(const T* x, int64_t n) {
 // A thread's attention reads, one after another, the cached keys and then values of each of its
 // tasks: a few KB each, where the hardware prefetcher starts anew at every 4 KB page and every
 // task. So the thread runs a cursor READ_AHEAD bytes in front of its reads over the whole list,
-// fetching into L2, as the matmuls do over their panels (format.h): ~20% off the attention at
-// batch 8 (~0.2 ms a step), nothing at batch 1. Further ahead (16, 32 KB) was no better, and
-// fetching only each page's first line (for the hardware prefetcher to follow) gave nothing.
+// fetching into L2, as the matmuls do over their panels (format.h). It speeds up batched
+// attention, which reads many rows; docs/performance.md has what it gave and what else was tried.
 constexpr int64_t READ_AHEAD = 8192;
 
 class ReadAhead {
@@ -107,8 +106,8 @@ void head_scores_blocked(const float* q, int64_t heads, const T* keys, int64_t n
   for (int64_t j0 = 0; j0 < n; j0 += LANES) {
     const int64_t valid = std::min<int64_t>(LANES, n - j0);  // keys in this block
     const T* kb = keys + j0 * D;
-    // the next block (fetching its values too, for head_values, made the attention ~9% slower
-    // with the cache out of L2: the values pass fetches its own)
+    // the next block (not its values too, for head_values: that made the attention slower with
+    // the cache out of L2; the values pass fetches its own)
     prefetch_row(kb + LANES * D, LANES * D);
     if (ahead != nullptr) ahead->advance(LANES * D * sizeof(T));
     if (valid == LANES) {
@@ -246,8 +245,8 @@ void check_cache(const torch::Tensor& k, const torch::Tensor& v, int64_t n_kv, i
 }
 
 // Positions start..n-1 of cache row src copied into row dst of every cache in `caches` (each
-// contiguous [rows, heads, max_len, D] on the CPU): one copy a kv head, where torch's indexing
-// cost ~10 us a layer.
+// contiguous [rows, heads, max_len, D] on the CPU): one copy a kv head, in one call for every
+// layer, where torch's indexing is one call per cache.
 void copy_rows(const std::vector<torch::Tensor>& caches, int64_t src, int64_t dst, int64_t start,
                int64_t n) {
   for (const auto& c : caches) {
@@ -425,8 +424,8 @@ class Decoder {
     const int64_t q_n = n_heads_ * head_dim_, kv_n = n_kv_ * head_dim_, qkv_n = q_n + 2 * kv_n;
     // the feed-forward takes up to FFN_ROWS tokens at a time (a short prefill has hundreds), so
     // its two widest intermediates stay a few MB; each pass dequantizes the weights to bfloat16
-    // anew, and a last pass under bf16_min_rows takes the 8-bit path, so passes of 64 made seven
-    // 21-token prompts joining a step ~20% slower than one pass of 148
+    // anew, and a last pass under bf16_min_rows takes the 8-bit path, so smaller passes made
+    // prompts joining a step slower
     const int64_t ffn_rows = std::min(B, FFN_ROWS);
     AlignedVector<float> xn(B * dim_), qkv(B * qkv_n), att(B * q_n), gu(ffn_rows * 2 * hidden_),
         act(ffn_rows * hidden_), delta(B * dim_);
@@ -517,9 +516,8 @@ class Decoder {
   // query). A task serves several query heads of one group, so each cached row is read from
   // memory once a step, unless that leaves fewer tasks than threads to run them (batch 1). When
   // each task is a whole group and every token has a cache row of its own (a decode step), each
-  // task rotates and writes its own group first (at batch 8 that spreads ~0.05 ms a step of
-  // serial work over the threads); otherwise (a prompt's tokens read each other's keys) all rows
-  // are done before any attends.
+  // task rotates and writes its own group first (spreading that serial work over the threads);
+  // otherwise (a prompt's tokens read each other's keys) all rows are done before any attends.
   template <typename T>
   void attend(float* qkv, int64_t qkv_n, const float* rot, const torch::Tensor& k,
               const torch::Tensor& v, const int64_t* row, const int64_t* at, int64_t B,

@@ -72,7 +72,7 @@ namespace {
 
 // std::vector storage on 64-byte boundaries. With malloc's 16-byte alignment a process got, by
 // chance, scratch buffers whose every 64-byte row of an AMX tile (or vector) spanned two cache
-// lines: its prefills of ~150 tokens took ~45 ms instead of ~30.
+// lines, and every matmul of that process ran markedly slower.
 template <typename T>
 struct CacheAligned {
   using value_type = T;
@@ -95,12 +95,10 @@ using AlignedVector = std::vector<T, CacheAligned<T>>;
 
 constexpr int64_t QK = 32;     // weights per block
 constexpr int64_t PANEL = 16;  // rows per panel: one per int32 lane of a 512-bit vector
-// Panels are read once, front to back, from memory (the model does not stay in this VM's caches
+// Panels are read once, front to back, from memory (the model does not stay in the caches
 // between steps), and the hardware prefetcher alone stalls at page boundaries. So each block
-// prefetches the bytes one page ahead into L1 and two pages ahead into L2: one page ahead
-// decoded ~25% faster than 1 KB ahead here; the L2 prefetch added ~25% at batch 1 and ~7% at
-// batch 8 (medians of 6 interleaved A/B pairs; the spread is wide on this VM). Further ahead
-// into L1 alone (8, 16 KB) was no better.
+// prefetches the bytes one page ahead into L1 and two pages ahead into L2 (the distances that
+// measured best: docs/performance.md).
 constexpr int64_t PREFETCH_NEAR = 4096, PREFETCH_FAR = 8192;
 
 inline void prefetch_panel(const uint8_t* block, int64_t bytes) {

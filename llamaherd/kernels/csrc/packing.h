@@ -40,7 +40,7 @@ torch::Tensor repack(std::vector<torch::Tensor> parts, int64_t qtype) {
   uint8_t* dst = out.data_ptr<uint8_t>();
   if (padded > rows)  // the last panel holds the zero padding rows, interleaved with real ones
     std::memset(dst + (padded - PANEL) * row_bytes, 0, PANEL * row_bytes);
-  // One thread: a memory-bound copy (~0.6 ms per MB), and free of thread start-up per tensor.
+  // One thread: a memory-bound copy, and free of thread start-up per tensor.
   dispatch(qtype, [&](auto qt) {
     int64_t row = 0;
     for (const auto& part : parts) {

@@ -1,6 +1,6 @@
 // Drawing a token from softmax(logits / temperature) in one pass over each row, without the
-// softmax, cumulative-sum and search tensors torch would allocate (at batch 8 those page-faulted
-// 1.5 MB buffers cost ~1 ms a decode step).
+// softmax, cumulative-sum and search tensors torch would allocate (page-faulted buffers of a
+// vocabulary's size, each step; docs/performance.md has the cost).
 #pragma once
 
 #include <algorithm>

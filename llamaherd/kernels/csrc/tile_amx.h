@@ -28,7 +28,7 @@ namespace {
 // Fewer rows take the VNNI tile: below 16 it is as fast or faster (bench_kernels.py --isa
 // avx512,amx), as the tile stores and the float epilogue, not the multiplies, bound both paths.
 // With long rows (K over 1024: the feed-forward's down projection) the VNNI tile stays ahead up
-// to ~32 rows (1536 x 576 at 16 rows: 68 us against AMX's 81).
+// to ~32 rows.
 constexpr int64_t AMX_MIN_ROWS = 16, AMX_MIN_ROWS_LONG_K = 32;
 
 // A last group of at most this many rows (after whole groups of 16) takes the VNNI tile, panel by

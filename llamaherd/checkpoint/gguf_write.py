@@ -1,9 +1,9 @@
-"""Convert checkpoints between GGUF, Hugging Face and Meta layouts; GGUF is written with `gguf`."""
+"""Writing a model as a llama GGUF file, with the `gguf` package maintained with llama.cpp."""
 
 from __future__ import annotations
 
 import os
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +11,11 @@ import torch
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType
 from gguf.quants import quantize
 
-from llamaherd.checkpoint import Checkpoint, load_checkpoint
-from llamaherd.checkpoint.errors import CheckpointError
-from llamaherd.checkpoint.gguf import GGUFFile, read_gguf
-from llamaherd.checkpoint.hf import save_hf
+from llamaherd.checkpoint.gguf import GGUFFile
 from llamaherd.checkpoint.keymaps import from_internal
-from llamaherd.checkpoint.meta import save_meta
 from llamaherd.config import ModelArgs
 from llamaherd.model import Transformer, rope_frequencies
 
-FORMATS = ("hf", "meta", "gguf")
 # GGUF type of the weight matrices -> (tensor type, file type); norms are always F32.
 WEIGHT_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
     "F32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
@@ -30,72 +25,18 @@ WEIGHT_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
     "Q4_1": (GGMLQuantizationType.Q4_1, LlamaFileType.MOSTLY_Q4_1),
     "Q4_0": (GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
 }
-# Tokenizer files of HF and Meta directories, copied unchanged between them.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "chat_template.jinja")
 # general.* keys that describe the file itself: the writer sets them, they are not copied.
 _FILE_KEYS = {"general.architecture", "general.file_type", "general.quantization_version",
               "general.alignment"}
 
 
-def convert(src: str | Path, dst: str | Path, fmt: str, *, gguf_type: str = "F32") -> Path:
-    """Load `src` (a registered name, a GGUF file, an HF or Meta directory) in float32 and write
-    it to `dst` as `fmt`: "hf" (a directory: config.json, model.safetensors), "meta" (a
-    directory: params.json, consolidated.00.pth) or "gguf" (a file; weight matrices stored as
-    `gguf_type`: F32, F16 or Q8_0).
-
-    A GGUF source's vocabulary and chat template are copied into a GGUF output, and the
-    tokenizer files of an HF or Meta source directory into an HF or Meta output. Vocabularies
-    are not translated between the two worlds: a GGUF written from a directory has none, and a
-    directory written from a GGUF has no tokenizer files.
-    """
-    from llamaherd.hub import resolve_path
-
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if gguf_type.upper() not in WEIGHT_TYPES:
-        raise ValueError(f"unsupported GGUF type {gguf_type!r}; choose one of "
-                         f"{', '.join(WEIGHT_TYPES)}")
-    ckpt = load_checkpoint(resolve_path(src), dtype=torch.float32)
-    dst = Path(dst)
-    if fmt == "gguf":
-        if dst.is_dir():
-            dst = dst / "model.gguf"
-        source = read_gguf(ckpt.path) if ckpt.format == "gguf" else None
-        return write_gguf(ckpt.model, dst, weight_type=gguf_type.upper(), source=source)
-    _check_expressible(ckpt, fmt)
-    state = ckpt.model.state_dict()
-    out = save_hf(state, ckpt.args, dst) if fmt == "hf" else save_meta(state, ckpt.args, dst)
-    if ckpt.path.is_dir():
-        for name in TOKENIZER_FILES:
-            if (ckpt.path / name).is_file() and ckpt.path.resolve() != out.resolve():
-                shutil.copyfile(ckpt.path / name, out / name)
-    return out
-
-
-def _check_expressible(ckpt: Checkpoint, fmt: str) -> None:
-    """Refuse to write a config that would load as a different model."""
-    args = ckpt.args
-    if fmt == "hf":
-        back = ModelArgs.from_hf_config(args.to_hf_config())
-    else:
-        back = ModelArgs.from_params_json(args.to_params_json())
-    expected = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
-    if not torch.equal(ckpt.model.rope_freqs.cpu(), expected):
-        raise CheckpointError(ckpt.path, "its rotary frequencies follow no Llama 3.1 scaling, "
-                                         f"which a {fmt} config cannot express")
-    if back != args:
-        changed = [f for f in args.__dataclass_fields__ if getattr(back, f) != getattr(args, f)]
-        raise CheckpointError(ckpt.path, f"a {fmt} config cannot express this model's "
-                                         f"{', '.join(changed)}")
-
-
 def write_gguf(model: Transformer, dst: str | Path, *, weight_type: str = "F32",
-               source: GGUFFile | None = None) -> Path:
+               source: GGUFFile | None = None,
+               add_metadata: Callable[[GGUFWriter], None] | None = None) -> Path:
     """Write a float (not packed) model as a llama GGUF: every `llama.*` key that
     ModelArgs.from_gguf reads, weight matrices as `weight_type`, norms in F32, Llama 3.1 rotary
-    scaling as the `rope_freqs` divisors llama.cpp applies, and the `general.*` and
-    `tokenizer.*` keys of `source`."""
+    scaling as the `rope_freqs` divisors llama.cpp applies, the `general.*` and `tokenizer.*`
+    keys of `source`, and whatever `add_metadata(writer)` adds (a vocabulary, say)."""
     args: ModelArgs = model.args
     qtype, file_type = WEIGHT_TYPES[weight_type]
     dst = Path(dst)
@@ -125,6 +66,8 @@ def write_gguf(model: Transformer, dst: str | Path, *, weight_type: str = "F32",
                 if isinstance(value, np.ndarray):
                     value = value.tolist()
                 w.add_key_value(key, value, vtype, sub_type=etype)
+    if add_metadata is not None:
+        add_metadata(w)
 
     for name, t in model.state_dict().items():
         if name == "output.weight" and args.tie_embeddings:

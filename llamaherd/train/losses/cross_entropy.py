@@ -1,0 +1,65 @@
+"""Cross-entropy of a linear layer's logits without keeping the logits.
+
+The output projection of a 49k-token vocabulary turns every trained position into 49k logits;
+keeping them for the backward pass (as `F.cross_entropy(h @ W.T, t)` does) costs more memory
+than the rest of a small model's training step. Here the logits are made a chunk of rows at a
+time, and each chunk's gradients with respect to the hidden states and the weight are computed
+at once, so only those gradients outlive the chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows of logits a chunk holds: about 2**25 floats (128 MB) whatever the vocabulary.
+CHUNK_FLOATS = 1 << 25
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor,  # type: ignore[override]
+                targets: torch.Tensor) -> torch.Tensor:
+        dtype = (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                 else h.dtype) if h.device.type == "cpu" else h.dtype
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32) if need_w else None
+        total = torch.zeros((), dtype=torch.float32)
+        chunk = max(1, CHUNK_FLOATS // weight.shape[0])
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(dtype)
+            for i in range(0, h.shape[0], chunk):
+                hc, tc = h[i:i + chunk].to(dtype), targets[i:i + chunk]
+                logits = (hc @ w.T).float()  # (n, V)
+                lse = logits.logsumexp(-1)
+                total += (lse - logits.gather(1, tc[:, None])[:, 0]).sum()
+                if need_h or need_w:  # d(sum of NLL)/d logits = softmax - one-hot
+                    d = logits.sub_(lse[:, None]).exp_()
+                    d[torch.arange(len(tc)), tc] -= 1
+                    d = d.to(dtype)
+                    if need_h:
+                        grad_h[i:i + chunk] = (d @ w).to(h.dtype)
+                    if need_w:
+                        grad_w += (d.T @ hc).float()
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+        ctx.has = (need_h, need_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        saved = list(ctx.saved_tensors)
+        need_h, need_w = ctx.has
+        grad_h = saved.pop(0) * grad if need_h else None
+        grad_w = (saved.pop(0) * grad).to(ctx.weight_dtype) if need_w else None
+        return grad_h, grad_w, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor,
+                         targets: torch.Tensor) -> torch.Tensor:
+    """The summed negative log-likelihood of `targets` (N,) under softmax(h @ weight.T) for
+    hidden states h (N, D) and an output projection weight (V, D), in float32; differentiable
+    in h and weight. Under CPU autocast the products take the autocast dtype."""
+    if h.shape[0] == 0:
+        return (h.sum() + weight.sum()) * 0.0
+    return _LinearCrossEntropy.apply(h, weight, targets)
