@@ -55,13 +55,21 @@ def convert(src: str | Path, dst: str | Path, fmt: str, *, gguf_type: str = "F32
     _check_expressible(ckpt, fmt)
     state = ckpt.model.state_dict()
     out = save_hf(state, ckpt.args, dst) if fmt == "hf" else save_meta(state, ckpt.args, dst)
+    write_vocabulary(ckpt, out)
+    return out
+
+
+def write_vocabulary(ckpt: Checkpoint, out: Path, tokenizer: tok.Tokenizer | None = None) -> None:
+    """The checkpoint's vocabulary as tokenizer files in the directory `out`: a directory's own
+    files copied, a GGUF's written from its metadata (`tokenizer`: already loaded)."""
     if ckpt.path.is_dir():
         for name in TOKENIZER_FILES:
             if (ckpt.path / name).is_file() and ckpt.path.resolve() != out.resolve():
                 shutil.copyfile(ckpt.path / name, out / name)
-    elif (vocabulary := _vocabulary(ckpt)) is not None:
+        return
+    vocabulary = tokenizer if tokenizer is not None else _vocabulary(ckpt)
+    if vocabulary is not None:
         save_pretrained(vocabulary, out)
-    return out
 
 
 def _vocabulary(ckpt: Checkpoint) -> tok.Tokenizer | None:

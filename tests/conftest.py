@@ -53,3 +53,15 @@ def tiny_gguf_with_vocab(tmp_path: Path) -> Path:
     assert vocab.exists(), f"missing shared fixture {vocab}"
     model = make_tiny_model(TINY.replace(vocab_size=32000))
     return write_gguf(model, tmp_path / "tiny-spm.gguf", source=read_gguf(vocab))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_gguf(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Path:
+    """A tiny random model (F32) carrying the default model's vocabulary and chat template, for
+    fast end-to-end runs (training, serving) that need a real chat format."""
+    from llamaherd.checkpoint.gguf import read_gguf
+    from llamaherd.checkpoint.gguf_write import write_gguf
+
+    model = make_tiny_model(TINY.replace(vocab_size=49152, max_seq_len=512, tie_embeddings=True))
+    path = tmp_path_factory.mktemp("tiny-chat") / "tiny-chat.gguf"
+    return write_gguf(model, path, source=read_gguf(default_model_path))

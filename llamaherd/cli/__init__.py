@@ -10,18 +10,20 @@ import click
 from llamaherd.cli.generate import generate, run
 from llamaherd.cli.models import convert, info, list_models, pull, tokenize
 from llamaherd.cli.serve import serve
+from llamaherd.cli.train import train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="llamaherd")
 def main() -> None:
-    """llamaherd: run, serve and convert Llama-architecture models."""
+    """llamaherd: run, serve, train and convert Llama-architecture models."""
 
 
 COMMANDS: list[click.Command] = [
     run,          # chat with a model, interactively or one question
     generate,     # complete a raw prompt
     serve,        # the OpenAI-compatible server and web chat page
+    train,        # post-training: train sft
     pull,         # fetch a registered model into the cache
     list_models,  # registered names
     info,         # architecture, parameters, tensor types, template

@@ -8,8 +8,11 @@ writing one resumes from the one before.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,16 @@ def _options(frozen: bool) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=not frozen)
 
 
+@contextlib.contextmanager
+def _one_process_quietly(world: World) -> Iterator[None]:
+    """torch.distributed.checkpoint warns that it assumes one process when there is no process
+    group: here that is the intent."""
+    with warnings.catch_warnings():
+        if not world.distributed:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
@@ -50,7 +63,8 @@ def save(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         shutil.rmtree(tmp, ignore_errors=True)
     barrier(world)
     model_state, optim_state = get_state_dict(model, optimizer, options=_options(frozen))
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+    with _one_process_quietly(world):
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
     torch.save(rng_state(), tmp / f"rng-{world.rank}.pt")
     if world.main:
         torch.save({**trainer_state, "world_size": world.size}, tmp / TRAINER_STATE)
@@ -69,7 +83,8 @@ def load(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, wo
     rank (the same number of processes resumes bit for bit)."""
     model_state, optim_state = get_state_dict(model, optimizer, options=_options(frozen))
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(directory))
+    with _one_process_quietly(world):
+        dcp.load(state, checkpoint_id=str(directory))
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"], options=_options(frozen))
     rng = directory / f"rng-{world.rank}.pt"

@@ -46,7 +46,8 @@ class Example:
 
     @property
     def trained(self) -> int:
-        return sum(self.labels)
+        """Tokens that carry a loss (the first token has nothing before it to predict it)."""
+        return sum(self.labels[1:])
 
 
 @dataclass
@@ -69,25 +70,24 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """("file:line", row) for every non-blank line of a JSONL file."""
     path = Path(path)
     try:
-        f = open(path, "rb")
+        lines = path.read_bytes().split(b"\n")
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    with f:
-        for n, raw in enumerate(f, 1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: invalid UTF-8 at byte {e.start}") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: each line must be a JSON object")
-            yield where, row
+    for n, raw in enumerate(lines, 1):
+        where = f"{path}:{n}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: invalid UTF-8 at byte {e.start}") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: each line must be a JSON object")
+        yield where, row
 
 
 def encode_row(row: dict[str, Any], fmt: ChatFormat, tokenizer: Tokenizer,

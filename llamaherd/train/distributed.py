@@ -10,7 +10,7 @@ weights only while it runs.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -21,7 +21,7 @@ from torch import nn
 class World:
     rank: int = 0
     size: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def main(self) -> bool:
@@ -79,6 +79,11 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def close(world: World) -> None:
+def close(world: World, failed: bool = False) -> None:
+    """Leave the process group: after a run, every process together (a process that left while
+    another was still writing files could take gloo's connections down under it); after a
+    failure, at once."""
     if world.distributed and dist.is_initialized():
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()

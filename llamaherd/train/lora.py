@@ -33,9 +33,9 @@ class LoRAConfig:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        unknown = set(self.targets) - set(ALL_LINEAR) - {"output"}
+        unknown = set(self.targets) - set(ALL_LINEAR)
         if unknown or not self.targets:
-            raise ValueError(f"LoRA targets must be among {', '.join(ALL_LINEAR)}, output; "
+            raise ValueError(f"LoRA targets must be among {', '.join(ALL_LINEAR)}; "
                              f"got {', '.join(sorted(unknown)) or 'none'}")
 
 
@@ -112,6 +112,22 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' weights alone, under the model's own parameter names."""
     return {name: p.detach() for name, p in model.state_dict().items()
             if ".lora_a." in name or ".lora_b." in name}
+
+
+def merged_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A full state dict of an adapted model with each adapter folded into its base weight,
+    under the plain model's parameter names (what merge_lora does to the modules)."""
+    out = {}
+    for name, t in state.items():
+        if ".lora_a." in name or ".lora_b." in name:
+            continue
+        if name.endswith(".base.weight"):
+            prefix = name[:-len(".base.weight")]
+            a, b = state[f"{prefix}.lora_a.weight"], state[f"{prefix}.lora_b.weight"]
+            out[f"{prefix}.weight"] = (t.float() + scale * (b.float() @ a.float())).to(t.dtype)
+        else:
+            out[name] = t
+    return out
 
 
 @contextmanager

@@ -46,9 +46,10 @@ class Objective(Protocol):
 def bf16_cpu() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16)."""
     try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
         return False
+    flags = next((line.split() for line in lines if line.startswith("flags")), [])
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -126,8 +127,8 @@ class Trainer:
             order = self.order(len(examples), self.position.epoch)
             while self.position.batch < per_epoch:
                 b = self.position.batch
-                yield [examples[i] for i in order[b * size:(b + 1) * size]]
-                self.position.batch += 1
+                self.position.batch += 1  # before handing the batch out: a checkpoint taken
+                yield [examples[i] for i in order[b * size:(b + 1) * size]]  # after it skips it
             self.position = Position(self.position.epoch + 1, 0)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:

@@ -1,0 +1,25 @@
+"""Post-training: data with loss masks, packing, losses, LoRA, the shared trainer (AdamW, mixed
+precision, checkpoints and resume, FSDP2 across processes) and the recipes built on them.
+
+    import llamaherd.train
+    llamaherd.train.sft(model="smollm2-135m-instruct", data="chats.jsonl", out="tuned",
+                        lora=True, steps=200)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llamaherd.train.config import TrainConfig
+
+
+def sft(config: TrainConfig | None = None, **settings: Any) -> Path:
+    """Supervised fine-tuning (llamaherd.train.sft); settings are TrainConfig fields, or pass a
+    TrainConfig. Returns the output directory."""
+    from llamaherd.train.recipes.sft import sft as run
+
+    return run(config if config is not None else TrainConfig.make(**settings))
+
+
+__all__ = ["TrainConfig", "sft"]
