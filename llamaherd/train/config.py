@@ -33,6 +33,7 @@ class TrainConfig:
     epochs: float | None = None  # default 1 when steps is not given either
     batch_size: int = 8
     grad_accum: int = 1
+    micro_tokens: int = 512  # at most this many tokens a forward/backward (activation memory)
     max_len: int = 512
     overlong: str = "truncate"  # or "drop"
     lr: float | None = None  # default 2e-5, or 2e-4 with LoRA
@@ -61,7 +62,7 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {self.precision!r}")
-        for name in ("batch_size", "grad_accum", "max_len", "log_every"):
+        for name in ("batch_size", "grad_accum", "micro_tokens", "max_len", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:

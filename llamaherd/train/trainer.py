@@ -100,9 +100,10 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameter")
+        # the fused implementation: one kernel over every parameter rather than a loop of ops
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
                                            betas=config.betas,
-                                           weight_decay=config.weight_decay)
+                                           weight_decay=config.weight_decay, fused=True)
         self.precision = resolve_precision(config.precision, world.device)
         self.step = 0
         self.position = Position()
@@ -131,6 +132,21 @@ class Trainer:
                 yield [examples[i] for i in order[b * size:(b + 1) * size]]  # after it skips it
             self.position = Position(self.position.epoch + 1, 0)
 
+    def by_tokens(self, examples: Sequence[Any]) -> list[Sequence[Any]]:
+        """Consecutive groups of examples of at most micro_tokens tokens (an example longer than
+        that alone), so that one forward's activations stay bounded."""
+        groups: list[Sequence[Any]] = []
+        start = size = 0
+        for i, ex in enumerate(examples):
+            n = self.objective.tokens([ex])
+            if i > start and size + n > self.config.micro_tokens:
+                groups.append(examples[start:i])
+                start, size = i, 0
+            size += n
+        if start < len(examples):
+            groups.append(examples[start:])
+        return groups
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.precision == "bf16":
             return torch.autocast(self.world.device.type, dtype=torch.bfloat16)
@@ -141,7 +157,8 @@ class Trainer:
         """Forward and backward over this process's share of `batch` in grad_accum micro-steps,
         then one optimizer step. Returns the step's metrics."""
         mine = split(batch, self.world.size)[self.world.rank]
-        micro = [m for m in split(mine, self.config.grad_accum) if len(m)]
+        micro = [piece for part in split(mine, self.config.grad_accum)
+                 for piece in self.by_tokens(part)]
         total = all_sum(self.objective.count(mine), self.world)
         scale = self.world.size / max(total, 1.0)  # gradients are averaged over processes
         self.model.train()
