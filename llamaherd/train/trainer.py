@@ -175,6 +175,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # type: ignore[union-attr]
+
         return {"loss": all_sum(loss_sum, self.world) / max(total, 1.0), "lr": lr,
                 "grad_norm": float(norm), "trained_tokens": total,
                 "tokens": all_sum(self.objective.tokens(mine), self.world)}

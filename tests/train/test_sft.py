@@ -12,14 +12,17 @@ import sys
 import time
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import llamaherd
+import llamaherd.convert
 import llamaherd.train
 from llamaherd.train.lora import LoRAConfig, apply_lora
 from llamaherd.train.trainer import lr_lambda, split
+from tests.support.server import llamaherd_server
 
 CLI = [sys.executable, "-m", "llamaherd.cli", "train", "sft"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
@@ -75,6 +78,15 @@ def test_full_fine_tuning_lowers_validation_loss_and_writes_a_loadable_model(
         base.chat_format.render([{"role": "user", "content": "hi"}])
     ids = tuned.tokenizer.encode("What is 2 plus 3?")
     assert (tuned.logits(ids) - base.logits(ids)).abs().max() > 0.1
+    # it serves as it is
+    with llamaherd_server(str(out), "--max-seqs", "1", "--ctx-size", "256", "--model-id",
+                          "tuned", threads=2) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
+                               timeout=60)
+        reply = client.chat.completions.create(
+            model="tuned", messages=[{"role": "user", "content": "What is 2 plus 3?"}],
+            max_tokens=8, temperature=0)
+        assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
     # and converts to a packed GGUF that runs on the kernels
     gguf = llamaherd.convert.convert(out, tmp_path / "tuned.gguf", "gguf", gguf_type="Q8_0")
     packed = llamaherd.load(gguf)

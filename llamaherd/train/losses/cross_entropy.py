@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import torch
 
-# Rows of logits a chunk holds: about 2**25 floats (128 MB) whatever the vocabulary.
-CHUNK_FLOATS = 1 << 25
+# Rows of logits a chunk holds: about 2**24 floats (64 MB) whatever the vocabulary.
+CHUNK_FLOATS = 1 << 24
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor,  # type: ignore[override]
                 targets: torch.Tensor) -> torch.Tensor:
-        dtype = (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
-                 else h.dtype) if h.device.type == "cpu" else h.dtype
+        # float32 (or wider) even under autocast: the products are a small share of a step, and
+        # lower precision would cost weight-sized casts and temporaries for little time saved
+        dtype = torch.promote_types(h.dtype, torch.float32)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32) if need_w else None
@@ -30,17 +31,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             w = weight.to(dtype)
             for i in range(0, h.shape[0], chunk):
                 hc, tc = h[i:i + chunk].to(dtype), targets[i:i + chunk]
-                logits = (hc @ w.T).float()  # (n, V)
+                logits = (hc @ w.T).float()  # (n, V), float32
                 lse = logits.logsumexp(-1)
                 total += (lse - logits.gather(1, tc[:, None])[:, 0]).sum()
                 if need_h or need_w:  # d(sum of NLL)/d logits = softmax - one-hot
                     d = logits.sub_(lse[:, None]).exp_()
                     d[torch.arange(len(tc)), tc] -= 1
-                    d = d.to(dtype)
                     if need_h:
                         grad_h[i:i + chunk] = (d @ w).to(h.dtype)
                     if need_w:
-                        grad_w += (d.T @ hc).float()
+                        grad_w.addmm_(d.T, hc.float())  # in place: no weight-sized temporary
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.has = (need_h, need_w)
         ctx.weight_dtype = weight.dtype
@@ -48,10 +48,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        saved = list(ctx.saved_tensors)
+        saved = list(ctx.saved_tensors)  # this call's own buffers: scaled in place
         need_h, need_w = ctx.has
-        grad_h = saved.pop(0) * grad if need_h else None
-        grad_w = (saved.pop(0) * grad).to(ctx.weight_dtype) if need_w else None
+        grad_h = saved.pop(0).mul_(grad) if need_h else None
+        grad_w = saved.pop(0).mul_(grad).to(ctx.weight_dtype) if need_w else None
         return grad_h, grad_w, None
 
 
@@ -59,7 +59,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor,
                          targets: torch.Tensor) -> torch.Tensor:
     """The summed negative log-likelihood of `targets` (N,) under softmax(h @ weight.T) for
     hidden states h (N, D) and an output projection weight (V, D), in float32; differentiable
-    in h and weight. Under CPU autocast the products take the autocast dtype."""
+    in h and weight. Computed in float32 even under autocast."""
     if h.shape[0] == 0:
         return (h.sum() + weight.sum()) * 0.0
     return _LinearCrossEntropy.apply(h, weight, targets)
