@@ -37,6 +37,7 @@ class Checkpoint:
     metadata: dict[str, Any] = field(default_factory=dict)  # GGUF key/values, HF/Meta config
     tensor_types: dict[str, int] = field(default_factory=dict)  # type name -> tensor count
     tokenizer: Any = None  # the file's own tokenizer, where the caller passed read_tokenizer
+    heads: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. a reward model's score
 
 
 def detect_format(path: str | Path) -> str:

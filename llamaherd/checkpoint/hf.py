@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from llamaherd.checkpoint import Checkpoint, build_model, resolve_tied
 from llamaherd.checkpoint.errors import CheckpointError
 from llamaherd.checkpoint.keymaps import (
+    HEADS,
     IGNORED,
     from_internal,
     hf_to_meta_rows,
@@ -79,6 +80,7 @@ def load_hf(path: Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
     files = tensor_files(path)
     dtype = dtype or torch.float32
     state: dict[str, torch.Tensor] = {}
+    heads: dict[str, torch.Tensor] = {}
     types: Counter[str] = Counter()
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
@@ -93,6 +95,9 @@ def load_hf(path: Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
                 types[f.get_slice(name).get_dtype()] += 1  # "F32", "BF16", ...
                 if name in IGNORED["hf"]:
                     continue
+                if name in HEADS:
+                    heads[name] = t.to(dtype)
+                    continue
                 internal = to_internal(name, "hf")
                 if internal is None:
                     raise CheckpointError(file, f"unexpected tensor {name}")
@@ -106,21 +111,27 @@ def load_hf(path: Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
                 state[internal] = t.to(dtype)
     args = resolve_tied(state, args, path / "config.json")
     model = build_model(args, state, path)
-    return Checkpoint(model, args, "hf", path, cfg, dict(types))
+    return Checkpoint(model, args, "hf", path, cfg, dict(types), heads=heads)
 
 
 def save_hf(state: dict[str, torch.Tensor], args: ModelArgs, dst: Path) -> Path:
     """Write config.json and model.safetensors (wq/wk rows back in rotate-half order; lm_head
-    left out when the embeddings are tied, as transformers expects)."""
+    left out when the embeddings are tied, as transformers expects). A state with a score head
+    is written as a LlamaForSequenceClassification (a reward or value model)."""
     dst.mkdir(parents=True, exist_ok=True)
     out: dict[str, torch.Tensor] = {}
+    config = args.to_hf_config()
     for internal, t in state.items():
         if internal == "output.weight" and args.tie_embeddings:
+            continue
+        if internal in HEADS:
+            out[internal] = t.contiguous()
+            config.update(architectures=["LlamaForSequenceClassification"], num_labels=t.shape[0])
             continue
         if is_rotary(internal):
             heads = args.n_heads if internal.endswith("wq.weight") else args.n_kv_heads
             t = meta_to_hf_rows(t, heads)
         out[from_internal(internal, "hf")] = t.contiguous()
-    (dst / "config.json").write_text(json.dumps(args.to_hf_config(), indent=2) + "\n")
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(out, dst / SINGLE_FILE, metadata={"format": "pt"})
     return dst

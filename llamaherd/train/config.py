@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ except ImportError:  # Python 3.10: config files in JSON only
     tomllib = None  # type: ignore[assignment]
 
 PRECISIONS = ("auto", "float32", "bf16")
+MARGIN_SCALES = ("large", "small", "none")
 
 
 @dataclass
@@ -56,7 +57,9 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     threads: int | None = None  # torch threads per process (default: torch's choice)
-    extra: dict[str, Any] = field(default_factory=dict)  # settings of other recipes
+    beta: float = 0.1  # DPO: the strength of the pull toward the reference model
+    nll: float = 0.2  # DPO: the weight of the chosen answer's NLL term (Llama 3)
+    margin_scale: str = "large"  # reward model: Llama 2's margins by strength, "small" or "none"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -71,6 +74,9 @@ class TrainConfig:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give steps or epochs, not both")
+        if self.margin_scale not in MARGIN_SCALES:
+            raise ValueError(f"margin_scale must be one of {', '.join(MARGIN_SCALES)}, got "
+                             f"{self.margin_scale!r}")
         if self.lora:
             self.lora_config()  # checks rank, dropout, targets
 

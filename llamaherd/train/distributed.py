@@ -74,6 +74,15 @@ def all_sum(value: float, world: World) -> float:
     return float(t.item())
 
 
+def all_union(keys: set[str], world: World) -> list[str]:
+    """The sorted union of every process's `keys` (so that all reduce the same values)."""
+    if not world.distributed:
+        return sorted(keys)
+    gathered: list[set[str] | None] = [None] * world.size
+    dist.all_gather_object(gathered, keys)
+    return sorted(set().union(*(g or set() for g in gathered)))
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

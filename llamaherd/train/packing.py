@@ -26,6 +26,7 @@ class Batch:
     positions: torch.Tensor  # (R, L) int64, restarting at 0 for every example
     documents: torch.Tensor  # (R, L) int64: the example's index in the row, -1 for padding
     targets: torch.Tensor  # (R, L) int64
+    sequences: torch.Tensor  # (R, L) int64: the example's index in the list packed, -1 for padding
 
     @property
     def n_targets(self) -> int:
@@ -36,20 +37,20 @@ class Batch:
         return int((self.documents >= 0).sum())
 
 
-def rows_of(examples: Sequence[Example], max_len: int) -> list[list[Example]]:
-    """The examples in rows of at most max_len tokens, first fit, in order."""
-    rows: list[list[Example]] = []
+def rows_of(examples: Sequence[Example], max_len: int) -> list[list[int]]:
+    """The indices of the examples in rows of at most max_len tokens, first fit, in order."""
+    rows: list[list[int]] = []
     sizes: list[int] = []
-    for ex in examples:
+    for i, ex in enumerate(examples):
         if len(ex) > max_len:
             raise ValueError(f"{ex.where}: {len(ex)} tokens do not fit a row of {max_len}")
         for r, size in enumerate(sizes):
             if size + len(ex) <= max_len:
-                rows[r].append(ex)
+                rows[r].append(i)
                 sizes[r] += len(ex)
                 break
         else:
-            rows.append([ex])
+            rows.append([i])
             sizes.append(len(ex))
     return rows
 
@@ -57,20 +58,23 @@ def rows_of(examples: Sequence[Example], max_len: int) -> list[list[Example]]:
 def pack(examples: Sequence[Example], max_len: int) -> Batch:
     """One batch of the examples packed into rows of at most max_len tokens."""
     rows = rows_of(examples, max_len)
-    width = max(sum(len(e) for e in row) for row in rows)
+    width = max(sum(len(examples[i]) for i in row) for row in rows)
     tokens = torch.zeros(len(rows), width, dtype=torch.long)
     positions = torch.zeros(len(rows), width, dtype=torch.long)
     documents = torch.full((len(rows), width), -1, dtype=torch.long)
     targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    sequences = torch.full((len(rows), width), -1, dtype=torch.long)
     for r, row in enumerate(rows):
         at = 0
-        for d, ex in enumerate(row):
+        for d, i in enumerate(row):
+            ex = examples[i]
             n = len(ex)
             ids = torch.tensor(ex.tokens)
             tokens[r, at:at + n] = ids
             positions[r, at:at + n] = torch.arange(n)
             documents[r, at:at + n] = d
+            sequences[r, at:at + n] = i
             trained = torch.tensor(ex.labels[1:], dtype=torch.bool)
             targets[r, at:at + n - 1] = torch.where(trained, ids[1:], IGNORE)
             at += n
-    return Batch(tokens, positions, documents, targets)
+    return Batch(tokens, positions, documents, targets, sequences)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from llamaherd.train import checkpoints
 from llamaherd.train.config import TrainConfig
-from llamaherd.train.distributed import World, all_sum
+from llamaherd.train.distributed import World, all_sum, all_union
 
 METRICS = "metrics.jsonl"
 
@@ -41,6 +41,15 @@ class Objective(Protocol):
     def tokens(self, examples: Sequence[Any]) -> int:
         """Input tokens the examples hold (for throughput)."""
         ...
+
+
+def measure(objective: Objective, model: nn.Module, examples: Sequence[Any]) -> dict[str, float]:
+    """Validation sums of `examples`: the objective's own `measure` where it has one (a dict of
+    sums that includes "loss", e.g. also pairwise accuracy), else its loss."""
+    own = getattr(objective, "measure", None)
+    if own is not None:
+        return own(model, examples)
+    return {"loss": float(objective.loss(model, examples))}
 
 
 def bf16_cpu() -> bool:
@@ -181,18 +190,23 @@ class Trainer:
                 "tokens": all_sum(self.objective.tokens(mine), self.world)}
 
     @torch.no_grad()
-    def evaluate(self, examples: Sequence[Any]) -> float:
-        """The objective's mean over `examples` (validation), without gradients."""
+    def evaluate(self, examples: Sequence[Any]) -> dict[str, float]:
+        """The objective's validation metrics over `examples` (its loss, and whatever else it
+        measures), each averaged over the objective's count."""
         self.model.eval()
-        loss_sum = count = 0.0
+        sums: dict[str, float] = {}
+        count = 0.0
         size = self.config.batch_size
         for i in range(0, len(examples), size):
             mine = split(examples[i:i + size], self.world.size)[self.world.rank]
             if len(mine):
                 with self.autocast():
-                    loss_sum += float(self.objective.loss(self.model, mine))
+                    for key, value in measure(self.objective, self.model, mine).items():
+                        sums[key] = sums.get(key, 0.0) + value
                 count += self.objective.count(mine)
-        return all_sum(loss_sum, self.world) / max(all_sum(count, self.world), 1.0)
+        total = max(all_sum(count, self.world), 1.0)
+        keys = all_union(set(sums) | {"loss"}, self.world)
+        return {key: all_sum(sums.get(key, 0.0), self.world) / total for key in keys}
 
     # ---- the run ---------------------------------------------------------------------------------
     def fit(self, train: Sequence[Any], validation: Sequence[Any] = ()) -> list[dict[str, Any]]:
@@ -221,7 +235,7 @@ class Trainer:
                        "tokens_per_s": tokens_done / elapsed,
                        "elapsed_s": elapsed}
                 if validation and (self.step % eval_every == 0 or self.step == total):
-                    row["eval_loss"] = self.evaluate(validation)
+                    row.update({f"eval_{k}": v for k, v in self.evaluate(validation).items()})
                 if self.step % c.log_every == 0 or self.step == total or "eval_loss" in row:
                     self._log(row)
                     logged.append(row)

@@ -45,14 +45,15 @@ def parse_number(text: str) -> float | None:
 
 
 def math_reward(row: dict[str, Any], reply: str) -> float:
-    """1.0 when the reply's final number (extract_number) equals the row's "answer" within a
-    relative tolerance of 1e-6, else 0.0."""
+    """1.0 when the reply's final number (extract_number) equals the row's "answer" (exactly
+    for whole numbers, within 1e-6 for the rest), else 0.0."""
     gold = parse_number(str(row["answer"]))
     if gold is None:
         raise ValueError(f"row answer {row['answer']!r} is not a number")
     found = extract_number(reply)
     value = parse_number(found) if found is not None else None
-    return 1.0 if value is not None and math.isclose(value, gold, rel_tol=1e-6) else 0.0
+    return 1.0 if value is not None and math.isclose(value, gold, rel_tol=0, abs_tol=1e-6) \
+        else 0.0
 
 
 VERIFIERS: dict[str, Verifier] = {

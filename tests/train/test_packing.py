@@ -15,8 +15,8 @@ def example(tokens: list[int], trained_from: int, where: str = "x") -> Example:
 
 def test_rows_are_filled_first_fit_in_order() -> None:
     sizes = [5, 4, 3, 6, 2]
-    rows = rows_of([example(list(range(n)), 0, str(n)) for n in sizes], max_len=9)
-    assert [[e.where for e in row] for row in rows] == [["5", "4"], ["3", "6"], ["2"]]
+    rows = rows_of([example(list(range(n)), 0) for n in sizes], max_len=9)
+    assert rows == [[0, 1], [2, 3], [4]]  # sizes 5+4, 3+6, 2
 
 
 def test_packed_targets_positions_and_documents() -> None:
@@ -25,6 +25,7 @@ def test_packed_targets_positions_and_documents() -> None:
     assert batch.tokens.tolist() == [[10, 11, 12, 13, 20, 21, 22]]
     assert batch.positions.tolist() == [[0, 1, 2, 3, 0, 1, 2]]
     assert batch.documents.tolist() == [[0, 0, 0, 0, 1, 1, 1]]
+    assert batch.sequences.tolist() == [[0, 0, 0, 0, 1, 1, 1]]
     # position t predicts token t + 1 of its own example where that token is trained
     assert batch.targets.tolist() == [[IGNORE, 12, 13, IGNORE, 21, 22, IGNORE]]
     assert batch.n_targets == 4 == a.trained + b.trained and batch.n_tokens == 7

@@ -44,7 +44,7 @@ def test_parse_number_reads_commas_fractions_and_rejects_words() -> None:
 
 @pytest.mark.parametrize(("reply", "reward"), [
     ("The answer is 7.", 1.0),
-    ("7.0000001", 1.0),  # within 1e-6 relative
+    ("7.0000001", 1.0),  # within 1e-6
     ("7.001", 0.0),
     ("14/2", 1.0),
     ("It is seven.", 0.0),
@@ -65,7 +65,7 @@ def test_gold_answer_in_a_sentence_scores_one_and_a_wrong_one_zero(math_rows) ->
         written = f"{int(gold):,}" if gold.is_integer() else row["answer"]  # "2,125"
         reply = f"Adding up 3 and 4 parts, the answer is {written}. So 12 in all was wrong."
         assert math_reward(row, reply) == 1.0, row["id"]
-        wrong = Decimal(row["answer"]) + 1 + abs(Decimal(row["answer"]))  # far outside 1e-6
+        wrong = Decimal(row["answer"]) + 1 + abs(Decimal(row["answer"]))  # far from the answer
         assert math_reward(row, f"First 5, then #### {wrong}") == 0.0, row["id"]
         assert math_reward(row, f"So she has {written}.") == 1.0, row["id"]
 
@@ -100,6 +100,6 @@ def test_load_verifier_rejects_what_is_not_a_function() -> None:
         load_verifier("llamaherd.train.verifiers:VERIFIERS")
 
 
-def test_tolerance_is_relative_so_large_answers_accept_tiny_differences() -> None:
-    assert math_reward({"answer": "1059955"}, "1059956") == 1.0  # 9.4e-7 relative
-    assert math_reward({"answer": "1059955"}, "1059957") == 0.0
+def test_large_whole_answers_must_match_exactly() -> None:
+    assert math_reward({"answer": "1059955"}, "1,059,955") == 1.0
+    assert math_reward({"answer": "1059955"}, "1059956") == 0.0

@@ -63,3 +63,56 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor,
     if h.shape[0] == 0:
         return (h.sum() + weight.sum()) * 0.0
     return _LinearCrossEntropy.apply(h, weight, targets)
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    """Per-row log-probabilities: the gradient depends on each row's incoming gradient, so the
+    backward pass makes each chunk's logits again (one more product than the summed loss)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor,  # type: ignore[override]
+                targets: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        lse = torch.empty_like(out)
+        chunk = max(1, CHUNK_FLOATS // weight.shape[0])
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(dtype)
+            for i in range(0, h.shape[0], chunk):
+                logits = (h[i:i + chunk].to(dtype) @ w.T).float()
+                lse[i:i + chunk] = logits.logsumexp(-1)
+                out[i:i + chunk] = (logits.gather(1, targets[i:i + chunk, None])[:, 0]
+                                    - lse[i:i + chunk])
+        ctx.save_for_backward(h, weight, targets, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        h, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32) if need_w else None
+        chunk = max(1, CHUNK_FLOATS // weight.shape[0])
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(dtype)
+            for i in range(0, h.shape[0], chunk):
+                hc, tc, g = h[i:i + chunk].to(dtype), targets[i:i + chunk], grad[i:i + chunk]
+                # d log p(t) / d logits = one-hot - softmax, times each row's incoming gradient
+                d = (hc @ w.T).float().sub_(lse[i:i + chunk, None]).exp_().neg_()
+                d[torch.arange(len(tc)), tc] += 1
+                d.mul_(g[:, None])
+                if need_h:
+                    grad_h[i:i + chunk] = (d @ w).to(h.dtype)
+                if need_w:
+                    grad_w.addmm_(d.T, hc.float())
+        return grad_h, grad_w.to(weight.dtype) if need_w else None, None
+
+
+def linear_log_probs(h: torch.Tensor, weight: torch.Tensor,
+                     targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(h @ weight.T)[targets] for each row (N,), in float32, without keeping the
+    logits; differentiable in h and weight (for sequence log-likelihoods: DPO, PPO)."""
+    if h.shape[0] == 0:
+        return (h.sum() + weight.sum()).reshape(1)[:0] * 0.0
+    return _LinearLogProbs.apply(h, weight, targets)

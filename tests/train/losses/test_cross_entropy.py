@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llamaherd.train.losses import cross_entropy
-from llamaherd.train.losses.cross_entropy import linear_cross_entropy
+from llamaherd.train.losses.cross_entropy import linear_cross_entropy, linear_log_probs
 
 
 def case(n: int = 37, d: int = 24, v: int = 301, seed: int = 0):
@@ -57,3 +57,27 @@ def test_no_rows_gives_a_zero_that_still_backpropagates() -> None:
     loss = linear_cross_entropy(h[:0], w, torch.zeros(0, dtype=torch.long))
     loss.backward()
     assert loss.item() == 0 and w.grad is not None and float(w.grad.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("chunk_floats", [301 * 5, 1 << 25])
+def test_log_probs_and_their_gradients_equal_log_softmax(monkeypatch, chunk_floats: int) -> None:
+    monkeypatch.setattr(cross_entropy, "CHUNK_FLOATS", chunk_floats)
+    h, w, t = case()
+    weights = torch.linspace(-1, 2, len(t))  # a different incoming gradient on every row
+    ours = linear_log_probs(h, w, t)
+    (ours * weights).sum().backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = torch.log_softmax(h @ w.T, -1).gather(1, t[:, None])[:, 0]
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh, h.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_log_probs_of_no_rows_keep_the_graph() -> None:
+    h, w, _ = case()
+    out = linear_log_probs(h[:0], w, torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0,)
+    out.sum().backward()
+    assert w.grad is not None and float(w.grad.abs().sum()) == 0.0

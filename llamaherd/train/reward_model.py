@@ -1,0 +1,127 @@
+"""Reward models: a Llama backbone with a scalar head on the final hidden state of a
+conversation's last token, and the scores it gives.
+
+The head is a `score` linear layer (dim -> 1) added to a Transformer by `add_score_head`, so the
+model trains, shards and checkpoints as any other; exported, it is a Hugging Face
+LlamaForSequenceClassification directory, which `RewardModel.load` reads back.
+
+    rm = RewardModel.load("rm-dir")
+    rm.score([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}])
+
+Llama 2 trained two reward models, helpfulness and safety, and used the safety score where a
+prompt is safety-related or the safety score is below 0.15, else the helpfulness score
+(`combine_rewards`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llamaherd.chat import ChatFormat, chat_format
+from llamaherd.chat.messages import as_messages, as_tools
+from llamaherd.model import Transformer
+from llamaherd.tokenizer import Tokenizer
+from llamaherd.train.data import DataError, Example, encode_row
+from llamaherd.train.losses.reward import last_token_scores
+from llamaherd.train.packing import pack
+
+SCORE = "score"  # the head's module name (and, with ".weight", its tensor's)
+
+
+def add_score_head(model: nn.Module, weight: torch.Tensor | None = None,
+                   seed: int = 0) -> nn.Linear:
+    """Give `model` a scalar `score` head (dim -> 1, no bias): `weight` if given, else drawn
+    with `seed` as nn.Linear draws its weights."""
+    dim = model.tok_embeddings.weight.shape[1]
+    head = nn.Linear(dim, 1, bias=False, dtype=model.tok_embeddings.weight.dtype,
+                     device=model.tok_embeddings.weight.device)
+    with torch.no_grad():
+        if weight is not None:
+            if tuple(weight.shape) != (1, dim):
+                raise ValueError(f"a score head of shape {tuple(weight.shape)} does not fit a "
+                                 f"model of dim {dim}")
+            head.weight.copy_(weight)
+        else:
+            bound = 1 / math.sqrt(dim)
+            g = torch.Generator().manual_seed(seed)
+            head.weight.copy_(torch.rand(1, dim, generator=g) * 2 * bound - bound)
+    model.add_module(SCORE, head)
+    return head
+
+
+def as_row(item: Any) -> dict[str, Any]:
+    """A conversation (a message list), a prompt/completion dict or a messages row, as a row
+    encode_row reads."""
+    if isinstance(item, list):
+        return {"messages": item}
+    if isinstance(item, dict):
+        return item
+    raise DataError("a conversation to score is a list of messages or a JSON object")
+
+
+class RewardModel:
+    """A reward model ready to score conversations (float32, no gradients)."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, fmt: ChatFormat | None = None,
+                 batch_tokens: int = 2048) -> None:
+        if not hasattr(model, SCORE):
+            raise ValueError("the model has no score head")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.fmt = fmt or chat_format(tokenizer)
+        self.batch_tokens = batch_tokens
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> RewardModel:
+        """A reward model directory written by `llamaherd train reward`."""
+        from llamaherd.api import open_checkpoint
+
+        ckpt, tokenizer = open_checkpoint(name_or_path, dtype="float32")
+        weight = ckpt.heads.get(f"{SCORE}.weight")
+        if weight is None:
+            raise ValueError(f"{ckpt.path} has no score head: not a reward model (train one "
+                             f"with `llamaherd train reward`)")
+        add_score_head(ckpt.model, weight)
+        return cls(ckpt.model, tokenizer)
+
+    def encode(self, item: Any) -> Example:
+        row = as_row(item)
+        if "messages" in row:  # score the whole conversation, whoever spoke last
+            ids = self.fmt.encode_dialog(as_messages(row["messages"]), as_tools(row.get("tools")),
+                                         add_generation_prompt=False)
+            return Example(ids, [True] * len(ids), "")
+        return encode_row(row, self.fmt, self.tokenizer)
+
+    @torch.no_grad()
+    def score(self, items: Sequence[Any]) -> list[float]:
+        """The reward of each conversation (messages) or prompt/completion row."""
+        examples = [self.encode(item) for item in items]
+        out: list[float] = []
+        start = 0
+        while start < len(examples):  # batches of about batch_tokens tokens
+            end, size = start, 0
+            while end < len(examples) and (end == start or size + len(examples[end])
+                                           <= self.batch_tokens):
+                size += len(examples[end])
+                end += 1
+            chunk = examples[start:end]
+            width = max(len(e) for e in chunk)
+            batch = pack(chunk, max(width, self.batch_tokens))
+            out += last_token_scores(self.model, getattr(self.model, SCORE), batch,
+                                     len(chunk)).tolist()
+            start = end
+        return out
+
+
+def combine_rewards(helpful: float, safety: float, safety_prompt: bool = False,
+                    threshold: float = 0.15) -> float:
+    """Llama 2's combined reward from two reward models' raw scores: the safety score where the
+    prompt is safety-related or sigmoid(safety) is below `threshold`, else the helpfulness score
+    (both compared on the sigmoid scale, as the paper states the 0.15 threshold)."""
+    p_safe = 1 / (1 + math.exp(-safety))
+    return safety if safety_prompt or p_safe < threshold else helpful
