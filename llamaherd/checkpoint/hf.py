@@ -80,7 +80,7 @@ def load_hf(path: Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
     files = tensor_files(path)
     dtype = dtype or torch.float32
     state: dict[str, torch.Tensor] = {}
-    heads: dict[str, torch.Tensor] = {}
+    scalar_heads: dict[str, torch.Tensor] = {}
     types: Counter[str] = Counter()
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
@@ -96,7 +96,7 @@ def load_hf(path: Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
                 if name in IGNORED["hf"]:
                     continue
                 if name in HEADS:
-                    heads[name] = t.to(dtype)
+                    scalar_heads[name] = t.to(dtype)
                     continue
                 internal = to_internal(name, "hf")
                 if internal is None:
@@ -111,7 +111,7 @@ def load_hf(path: Path, *, dtype: torch.dtype | None = None) -> Checkpoint:
                 state[internal] = t.to(dtype)
     args = resolve_tied(state, args, path / "config.json")
     model = build_model(args, state, path)
-    return Checkpoint(model, args, "hf", path, cfg, dict(types), heads=heads)
+    return Checkpoint(model, args, "hf", path, cfg, dict(types), heads=scalar_heads)
 
 
 def save_hf(state: dict[str, torch.Tensor], args: ModelArgs, dst: Path) -> Path:

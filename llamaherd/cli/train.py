@@ -1,7 +1,9 @@
-"""`llamaherd train sft`: post-training from the command line (the same under torchrun)."""
+"""`llamaherd train sft|reward|dpo` and `llamaherd score`: post-training from the command line
+(the same under torchrun), every recipe with the same flags and output directory."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -12,47 +14,109 @@ from llamaherd.hub import DEFAULT_MODEL
 
 @click.group()
 def train() -> None:
-    """Post-train a model: supervised fine-tuning (full or LoRA), on one process or under
-    torchrun."""
+    """Post-train a model: supervised fine-tuning, reward models, DPO (full or LoRA), on one
+    process or under torchrun."""
 
 
-@train.command()
-@click.option("--model", default=None, help=f"Base model: a name, GGUF, HF or Meta directory "
-                                            f"(default {DEFAULT_MODEL}).")
-@click.option("--data", default=None, help="Training JSONL: messages, prompt/completion or text.")
-@click.option("--out", default=None, help="Output directory.")
-@click.option("--config", "config_file", default=None,
-              help="TOML or JSON file with any TrainConfig setting; flags override it.")
-@click.option("--val-data", default=None, help="Validation JSONL (default: a share of --data).")
-@click.option("--lora/--full", default=None, help="LoRA adapters or every weight.")
-@click.option("--lora-rank", type=int, default=None)
-@click.option("--steps", type=int, default=None, help="Optimizer steps.")
-@click.option("--epochs", type=float, default=None, help="Passes over the data (default 1).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (2e-5; 2e-4 LoRA).")
-@click.option("--batch-size", type=int, default=None,
-              help="Examples per optimizer step, across all processes (default 8).")
-@click.option("--grad-accum", type=int, default=None, help="Micro-steps per optimizer step.")
-@click.option("--max-len", type=int, default=None, help="Tokens per packed row (default 512).")
-@click.option("--micro-tokens", type=int, default=None,
-              help="Tokens per forward/backward pass (default 512): bounds activation memory.")
-@click.option("--precision", type=click.Choice(["auto", "float32", "bf16"]), default=None,
-              help="bf16 autocast, float32, or auto (bf16 where the CPU has it).")
-@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
-@click.option("--save-every", type=int, default=None, help="Steps between checkpoints.")
-@click.option("--eval-every", type=int, default=None, help="Steps between validation losses.")
-@click.option("--seed", type=int, default=None)
-@click.option("--threads", type=int, default=None, help="torch threads per process.")
-@click.option("--resume", is_flag=True, default=None,
-              help="Continue from the newest checkpoint in --out.")
-@friendly
-def sft(config_file: str | None, **flags: Any) -> None:
-    """Supervised fine-tuning: loss on the assistant's turns, examples packed into rows."""
+def train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The flags every recipe shares (each sets the TrainConfig field of its name)."""
+    options = [
+        click.option("--model", default=None,
+                     help=f"Base model: a name, GGUF, HF or Meta directory "
+                          f"(default {DEFAULT_MODEL})."),
+        click.option("--data", default=None, help="Training JSONL."),
+        click.option("--out", default=None, help="Output directory."),
+        click.option("--config", "config_file", default=None,
+                     help="TOML or JSON file with any TrainConfig setting; flags override it."),
+        click.option("--val-data", default=None,
+                     help="Validation JSONL (default: a share of --data)."),
+        click.option("--lora/--full", default=None, help="LoRA adapters or every weight."),
+        click.option("--lora-rank", type=int, default=None),
+        click.option("--steps", type=int, default=None, help="Optimizer steps."),
+        click.option("--epochs", type=float, default=None, help="Passes over the data (default 1)."),
+        click.option("--lr", type=float, default=None,
+                     help="Peak learning rate (2e-5; 2e-4 LoRA)."),
+        click.option("--batch-size", type=int, default=None,
+                     help="Examples (pairs) per optimizer step, across all processes (8)."),
+        click.option("--grad-accum", type=int, default=None, help="Micro-steps per optimizer step."),
+        click.option("--max-len", type=int, default=None,
+                     help="Tokens per packed row (default 512)."),
+        click.option("--micro-tokens", type=int, default=None,
+                     help="Tokens per forward/backward pass (default 512): bounds activation "
+                          "memory."),
+        click.option("--precision", type=click.Choice(["auto", "float32", "bf16"]), default=None,
+                     help="bf16 autocast, float32, or auto (bf16 where the CPU has it)."),
+        click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None),
+        click.option("--save-every", type=int, default=None, help="Steps between checkpoints."),
+        click.option("--eval-every", type=int, default=None,
+                     help="Steps between validation losses."),
+        click.option("--seed", type=int, default=None),
+        click.option("--threads", type=int, default=None, help="torch threads per process."),
+        click.option("--resume", is_flag=True, default=None,
+                     help="Continue from the newest checkpoint in --out."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return friendly(fn)
+
+
+def run(recipe: str, config_file: str | None, flags: dict[str, Any]) -> None:
     from llamaherd.train import TrainConfig
-    from llamaherd.train.recipes.sft import sft as run
+    from llamaherd.train.recipes import RECIPES
 
     settings = {k: v for k, v in flags.items() if v is not None}
     config = (TrainConfig.from_file(config_file, **settings) if config_file
               else TrainConfig.make(**settings))
     if not config.data or not config.out:
         raise click.UsageError("--data and --out are required (or set in --config)")
-    run(config)
+    RECIPES[recipe](config)
+
+
+@train.command()
+@train_options
+def sft(config_file: str | None, **flags: Any) -> None:
+    """Supervised fine-tuning: loss on the assistant's turns (or completions), examples packed
+    into rows. Data: messages, prompt/completion or text rows."""
+    run("sft", config_file, flags)
+
+
+@train.command()
+@train_options
+@click.option("--margin-scale", type=click.Choice(["large", "small", "none"]), default=None,
+              help="Margins from a row's strength label: Llama 2's large (3/2/1/0) or small "
+                   "scale, or none (Llama 3). A row's own margin is used as given.")
+def reward(config_file: str | None, **flags: Any) -> None:
+    """A reward model: a scalar head on the last token, trained with the ranking loss on
+    preference pairs (prompt, chosen, rejected)."""
+    run("reward", config_file, flags)
+
+
+@train.command()
+@train_options
+@click.option("--beta", type=float, default=None, help="Pull toward the reference (0.1).")
+@click.option("--nll", type=float, default=None,
+              help="Weight of the chosen answer's NLL term (0.2, Llama 3's recipe; 0 for none).")
+def dpo(config_file: str | None, **flags: Any) -> None:
+    """Direct preference optimization on preference pairs (prompt, chosen, rejected), the
+    starting model as the reference."""
+    run("dpo", config_file, flags)
+
+
+@click.command()
+@click.option("--model", required=True, help="A reward model directory (llamaherd train reward).")
+@click.option("--data", required=True,
+              help="JSONL: conversations (messages), prompt/completion rows, or preference rows "
+                   "(both answers scored).")
+@click.option("--safety-model", default=None,
+              help="A second (safety) reward model: the reward becomes Llama 2's combination.")
+@friendly
+def score(model: str, data: str, safety_model: str | None) -> None:
+    """Print one JSON line per row with its reward (preference rows: both rewards)."""
+    import json
+
+    from llamaherd.train.reward_model import RewardModel, score_rows
+
+    models = [RewardModel.load(model)] + ([RewardModel.load(safety_model)] if safety_model
+                                          else [])
+    for line in score_rows(models, data):
+        click.echo(json.dumps(line))

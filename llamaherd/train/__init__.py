@@ -22,4 +22,18 @@ def sft(config: TrainConfig | None = None, **settings: Any) -> Path:
     return run(config if config is not None else TrainConfig.make(**settings))
 
 
-__all__ = ["TrainConfig", "sft"]
+def reward(config: TrainConfig | None = None, **settings: Any) -> Path:
+    """Train a reward model on preference pairs (llamaherd.train.reward); as sft."""
+    from llamaherd.train.recipes.reward import reward as run
+
+    return run(config if config is not None else TrainConfig.make(**settings))
+
+
+def dpo(config: TrainConfig | None = None, **settings: Any) -> Path:
+    """Direct preference optimization on preference pairs (llamaherd.train.dpo); as sft."""
+    from llamaherd.train.recipes.dpo import dpo as run
+
+    return run(config if config is not None else TrainConfig.make(**settings))
+
+
+__all__ = ["TrainConfig", "dpo", "reward", "sft"]

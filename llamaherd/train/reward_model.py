@@ -125,3 +125,44 @@ def combine_rewards(helpful: float, safety: float, safety_prompt: bool = False,
     (both compared on the sigmoid scale, as the paper states the 0.15 threshold)."""
     p_safe = 1 / (1 + math.exp(-safety))
     return safety if safety_prompt or p_safe < threshold else helpful
+
+
+def score_rows(models: Sequence[RewardModel], path: str | Path) -> list[dict[str, Any]]:
+    """The rewards of every row of a JSONL file: {"reward": r} for a conversation or
+    prompt/completion row, {"chosen": r, "rejected": r} for a preference row. With a second
+    (safety) model each reward is Llama 2's combination (a row's "safety": true marks a
+    safety-related prompt), and the two models' own scores follow it."""
+    from llamaherd.train.data import read_rows
+
+    items: list[Any] = []
+    shapes: list[tuple[str, ...]] = []
+    safety_tags: list[bool] = []
+    for where, row in read_rows(path):
+        try:
+            if {"prompt", "chosen", "rejected"} <= row.keys():
+                for key in ("chosen", "rejected"):
+                    answer = row[key] if not isinstance(row[key], dict) else [row[key]]
+                    items.append({"prompt": row["prompt"], "completion": answer,
+                                  "tools": row.get("tools")})
+                shapes.append(("chosen", "rejected"))
+            else:
+                items.append(as_row(row))
+                shapes.append(("reward",))
+            models[0].encode(items[-1])  # a bad row is named before any scoring
+        except (DataError, ValueError) as e:
+            raise DataError(f"{where}: {e}") from None
+        safety_tags.append(bool(row.get("safety")))
+    scores = [m.score(items) for m in models]
+    out, at = [], 0
+    for shape, tagged in zip(shapes, safety_tags, strict=True):
+        line: dict[str, Any] = {}
+        for key in shape:
+            if len(models) == 1:
+                line[key] = scores[0][at]
+            else:
+                helpful, safety = scores[0][at], scores[1][at]
+                line[key] = combine_rewards(helpful, safety, tagged)
+                line[f"{key}_helpfulness"], line[f"{key}_safety"] = helpful, safety
+            at += 1
+        out.append(line)
+    return out

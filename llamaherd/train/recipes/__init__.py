@@ -1,2 +1,13 @@
-"""Training recipes: each builds its data, model and objective, runs the shared Trainer and
-exports a model directory."""
+"""Training recipes, by name: each a function from a TrainConfig to the output directory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from llamaherd.train.config import TrainConfig
+from llamaherd.train.recipes.dpo import dpo
+from llamaherd.train.recipes.reward import reward
+from llamaherd.train.recipes.sft import sft
+
+RECIPES: dict[str, Callable[[TrainConfig], Path]] = {"sft": sft, "reward": reward, "dpo": dpo}
