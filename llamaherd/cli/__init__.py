@@ -10,7 +10,7 @@ import click
 from llamaherd.cli.generate import generate, run
 from llamaherd.cli.models import convert, dataset, info, list_models, pull, tokenize
 from llamaherd.cli.serve import serve
-from llamaherd.cli.train import score, train
+from llamaherd.cli.train import sample_best, score, train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,6 +25,7 @@ COMMANDS: list[click.Command] = [
     serve,        # the OpenAI-compatible server and web chat page
     train,        # post-training: train sft | reward | dpo
     score,        # rewards of conversations under a reward model
+    sample_best,  # rejection sampling: k answers a prompt, the best kept
     pull,         # fetch a registered model into the cache
     list_models,  # registered names
     info,         # architecture, parameters, tensor types, template

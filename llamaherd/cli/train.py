@@ -1,4 +1,4 @@
-"""`llamaherd train sft|reward|dpo` and `llamaherd score`: post-training from the command line
+"""`llamaherd train sft|reward|dpo`, `llamaherd score` and `llamaherd sample-best`: post-training from the command line
 (the same under torchrun), every recipe with the same flags and output directory."""
 
 from __future__ import annotations
@@ -120,3 +120,45 @@ def score(model: str, data: str, safety_model: str | None) -> None:
                                           else [])
     for line in score_rows(models, data):
         click.echo(json.dumps(line))
+
+
+@click.command("sample-best")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="The model that draws the answers (a GGUF file runs on the packed kernels).")
+@click.option("--data", required=True, help="Prompt JSONL: prompt (messages or a string) or "
+                                            "messages, plus any fields a verifier reads.")
+@click.option("--out", required=True, help="JSONL of the best answers (an SFT set).")
+@click.option("-k", "k", type=int, default=8, show_default=True, help="Answers per prompt.")
+@click.option("--reward-model", default=None, help="Judge with this reward model ...")
+@click.option("--verifier", default=None,
+              help="... or with this function of (row, reply): a name (math) or module:function.")
+@click.option("--pairs", default=None,
+              help="Also write preference pairs (best against worst) to this JSONL, for DPO.")
+@click.option("--temperature", type=float, default=0.8, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+              help="Dequantize a GGUF's weights (default: keep them packed, the fastest).")
+@friendly
+def sample_best(model: str, data: str, out: str, k: int, reward_model: str | None,
+                verifier: str | None, pairs: str | None, temperature: float, top_p: float,
+                max_new_tokens: int, seed: int, dtype: str | None) -> None:
+    """Rejection sampling: k answers per prompt, judged, the best kept. Prints a report."""
+    import json
+
+    import llamaherd
+    from llamaherd.train import rejection
+    from llamaherd.train.reward_model import RewardModel
+    from llamaherd.train.verifiers import load_verifier
+
+    if (reward_model is None) == (verifier is None):
+        raise click.UsageError("give one of --reward-model and --verifier")
+    judge = (rejection.reward_model_judge(RewardModel.load(reward_model)) if reward_model
+             else rejection.verifier_judge(load_verifier(verifier)))  # type: ignore[arg-type]
+    rows = rejection.read_prompt_rows(data)
+    llm = llamaherd.load(model, dtype=dtype)
+    _, report = rejection.sample_best(llm, rows, judge, k=k, out=out, pairs_out=pairs,
+                                      temperature=temperature, top_p=top_p,
+                                      max_new_tokens=max_new_tokens, seed=seed)
+    click.echo(json.dumps(rejection.report_dict(report)))
