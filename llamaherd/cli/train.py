@@ -1,4 +1,4 @@
-"""`llamaherd train sft|reward|dpo`, `llamaherd score` and `llamaherd sample-best`: post-training from the command line
+"""`llamaherd train sft|reward|dpo|distill`, `llamaherd score` and `llamaherd sample-best`: post-training from the command line
 (the same under torchrun), every recipe with the same flags and output directory."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from llamaherd.hub import DEFAULT_MODEL
 
 @click.group()
 def train() -> None:
-    """Post-train a model: supervised fine-tuning, reward models, DPO (full or LoRA), on one
-    process or under torchrun."""
+    """Post-train a model: supervised fine-tuning, reward models, DPO, distillation (full or
+    LoRA), on one process or under torchrun."""
 
 
 def train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -100,6 +100,26 @@ def dpo(config_file: str | None, **flags: Any) -> None:
     """Direct preference optimization on preference pairs (prompt, chosen, rejected), the
     starting model as the reference."""
     run("dpo", config_file, flags)
+
+
+@train.command()
+@train_options
+@click.option("--teacher", default=None,
+              help="The teacher: any model llamaherd loads, sharing the vocabulary (default: "
+                   "--model itself).")
+@click.option("--kd-ratio", type=float, default=None,
+              help="Weight of the distillation term; the NLL term gets 1 minus it (0.5).")
+@click.option("--kd-temperature", type=float, default=None,
+              help="Softmax temperature of teacher and student (1.0).")
+@click.option("--kd-top-k", type=int, default=None,
+              help="Teacher logits cached at each position (32).")
+@click.option("--prune-keep", type=int, default=None,
+              help="Layers the student keeps: the first, the last, the rest evenly spaced "
+                   "(default: all).")
+def distill(config_file: str | None, **flags: Any) -> None:
+    """Knowledge distillation: the model (optionally pruned) learns the teacher's top-k logits,
+    computed once and cached in --out, mixed with the NLL. Data as for sft."""
+    run("distill", config_file, flags)
 
 
 @click.command()

@@ -36,4 +36,12 @@ def dpo(config: TrainConfig | None = None, **settings: Any) -> Path:
     return run(config if config is not None else TrainConfig.make(**settings))
 
 
-__all__ = ["TrainConfig", "dpo", "reward", "sft"]
+def distill(config: TrainConfig | None = None, **settings: Any) -> Path:
+    """Distill a teacher's top-k logits into the model, optionally pruned first
+    (llamaherd.train.distill); as sft."""
+    from llamaherd.train.recipes.distill import distill as run
+
+    return run(config if config is not None else TrainConfig.make(**settings))
+
+
+__all__ = ["TrainConfig", "distill", "dpo", "reward", "sft"]

@@ -60,6 +60,11 @@ class TrainConfig:
     beta: float = 0.1  # DPO: the strength of the pull toward the reference model
     nll: float = 0.2  # DPO: the weight of the chosen answer's NLL term (Llama 3)
     margin_scale: str = "large"  # reward model: Llama 2's margins by strength, "small" or "none"
+    teacher: str | None = None  # distillation: the teacher model (default: `model` itself)
+    kd_ratio: float = 0.5  # distillation: the KD term's weight; the NLL term's is 1 - kd_ratio
+    kd_temperature: float = 1.0  # distillation: the softmax temperature of teacher and student
+    kd_top_k: int = 32  # distillation: the teacher's logits kept (cached) at each position
+    prune_keep: int | None = None  # distillation: layers the student keeps (default: all)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -77,6 +82,14 @@ class TrainConfig:
         if self.margin_scale not in MARGIN_SCALES:
             raise ValueError(f"margin_scale must be one of {', '.join(MARGIN_SCALES)}, got "
                              f"{self.margin_scale!r}")
+        if not 0 <= self.kd_ratio <= 1:
+            raise ValueError(f"kd_ratio must be in [0, 1], got {self.kd_ratio}")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+        if self.kd_top_k < 1:
+            raise ValueError(f"kd_top_k must be >= 1, got {self.kd_top_k}")
+        if self.prune_keep is not None and self.prune_keep < 1:
+            raise ValueError(f"prune_keep must be >= 1, got {self.prune_keep}")
         if self.lora:
             self.lora_config()  # checks rank, dropout, targets
 
