@@ -58,6 +58,10 @@ class Recipe:
     def start(self, trainer: Trainer, train: Sequence[Any], validation: Sequence[Any]) -> None:
         """Compute what training needs from the starting model (e.g. reference log-probs)."""
 
+    def summary(self) -> dict[str, Any]:
+        """What the recipe adds to summary.json (e.g. the time its start took)."""
+        return {}
+
 
 def prepare_model(ckpt: Checkpoint, config: TrainConfig, world: World, recipe: Recipe
                   ) -> nn.Module:
@@ -165,6 +169,8 @@ def _run(recipe: Recipe, config: TrainConfig, world: World) -> Path:
                 summary[f"{key}_after"] = value
         if metrics:
             summary["tokens_per_s"] = metrics[-1]["tokens_per_s"]
+            summary["train_s"] = metrics[-1]["elapsed_s"]
+        summary.update(recipe.summary())
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_metrics(out / METRICS, out / "loss.png")
         tqdm.write(f"wrote {out}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float)

@@ -12,6 +12,7 @@ starting at zero), so no second model is kept in memory.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,7 @@ class DPO(Recipe):
 
     def __init__(self) -> None:
         self.formatting: frozenset[int] = frozenset()
+        self.reference_s = 0.0
 
     def load(self, path: str, fmt: ChatFormat, tokenizer: Tokenizer,
              config: TrainConfig) -> tuple[list[Any], DataStats]:
@@ -112,7 +114,12 @@ class DPO(Recipe):
     def start(self, trainer: Trainer, train: Sequence[Any], validation: Sequence[Any]) -> None:
         if trainer.world.main:
             tqdm.write(f"reference log-probabilities of {len(train) + len(validation)} pairs")
+        started = time.perf_counter()
         trainer.objective.set_reference(trainer, [*train, *validation])  # type: ignore[attr-defined]
+        self.reference_s = time.perf_counter() - started
+
+    def summary(self) -> dict[str, Any]:
+        return {"reference_s": self.reference_s}
 
 
 def dpo(config: TrainConfig) -> Path:
