@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_train import RESULTS, WORK, cpu_name  # noqa: E402
+from bench_train import RESULTS, WORK, cpu_name
 
 SEED = 0
 LR = {"dpo": 5e-7, "reward": 1e-5}
@@ -107,16 +107,16 @@ def child_trl(a: argparse.Namespace) -> dict:
     tokens = [0]
 
     class Log(TrainerCallback):
-        def on_log(self, _args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        def on_log(self, _args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
-    common = dict(output_dir=str(WORK / f"trl-{a.section}"), per_device_train_batch_size=8,
-                  gradient_accumulation_steps=1, learning_rate=LR[a.section],
-                  lr_scheduler_type="cosine", warmup_steps=0, max_steps=a.steps, logging_steps=1,
-                  save_strategy="no", report_to="none", use_cpu=True, seed=SEED,
-                  dataloader_num_workers=0, weight_decay=0.0, max_grad_norm=1.0,
-                  optim="adamw_torch", max_length=512)
+    common = {"output_dir": str(WORK / f"trl-{a.section}"), "per_device_train_batch_size": 8,
+              "gradient_accumulation_steps": 1, "learning_rate": LR[a.section],
+              "lr_scheduler_type": "cosine", "warmup_steps": 0, "max_steps": a.steps,
+              "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": True,
+              "seed": SEED, "dataloader_num_workers": 0, "weight_decay": 0.0,
+              "max_grad_norm": 1.0, "optim": "adamw_torch", "max_length": 512}
     if a.section == "dpo":
         model = AutoModelForCausalLM.from_pretrained(a.hf, dtype=torch.float32)
         config = DPOConfig(beta=0.1, loss_type=["sigmoid"], **common)
@@ -129,7 +129,7 @@ def child_trl(a: argparse.Namespace) -> dict:
         base = RewardTrainer
 
     class InOrder(base):  # type: ignore[misc, valid-type]
-        def _get_train_sampler(self, *args, **kwargs):  # noqa: ANN002, ANN003
+        def _get_train_sampler(self, *args, **kwargs):
             return SequentialSampler(self.train_dataset)
 
     trainer = InOrder(model=model, args=config, train_dataset=data, processing_class=tokenizer,

@@ -47,9 +47,9 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: its tests/support
 
-from llamaherd import hub  # noqa: E402
-from llamaherd.hub import DEFAULT_MODEL  # noqa: E402
-from tests.support.server import ServerProcess, free_port, llamaherd_server  # noqa: E402
+from llamaherd import hub
+from llamaherd.hub import DEFAULT_MODEL
+from tests.support.server import ServerProcess, free_port, llamaherd_server
 
 RESULTS = Path(__file__).parent / "results" / "serve.json"
 PREFIX_RESULTS = Path(__file__).parent / "results" / "serve_prefix.json"

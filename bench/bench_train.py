@@ -122,12 +122,12 @@ def child_trl(args: argparse.Namespace) -> dict:
     losses: list[float] = []
 
     class Losses(TrainerCallback):
-        def on_log(self, _args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        def on_log(self, _args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
     class InOrder(SFTTrainer):
-        def _get_train_sampler(self, *a, **k):  # noqa: ANN002, ANN003
+        def _get_train_sampler(self, *a, **k):
             return SequentialSampler(self.train_dataset)
 
     config = SFTConfig(

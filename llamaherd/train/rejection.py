@@ -12,7 +12,6 @@ other fields of a row (an "answer" a verifier reads) travel with it into the out
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from llamaherd.datasets import write_jsonl
 from llamaherd.train.data import DataError, read_rows
 
 Judge = Callable[[list[dict[str, Any]], list[str]], list[float]]  # rows, replies -> rewards
@@ -124,9 +124,9 @@ def sample_best(llm: Any, rows: Sequence[dict[str, Any]], judge: Judge, k: int =
                                   "margin_reward": rewards[best] - rewards[worst], **extra})
             bar.update(len(group) * k)
     if out is not None:
-        _write(out, kept)
+        write_jsonl(kept, out)
     if pairs_out is not None:
-        _write(pairs_out, pairs)
+        write_jsonl(pairs, pairs_out)
     samples = len(rewards_all)
     report = SampleReport(
         prompts=len(rows), k=k, samples=samples, generate_s=generate_s,
@@ -150,12 +150,6 @@ def read_prompt_rows(path: str | Path) -> list[dict[str, Any]]:
     if not rows:
         raise DataError(f"{path}: no prompt rows")
     return rows
-
-
-def _write(path: str | Path, items: list[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for item in items:
-            f.write(json.dumps(item, ensure_ascii=False) + "\n")
 
 
 def report_dict(report: SampleReport) -> dict[str, Any]:
