@@ -3,7 +3,7 @@
     .venv/bin/python bench/demo_sft.py [--epochs 1] [--lora] [--held-out 100]
 
 Splits the 2,026 conversations of `chatterbot-corpus==1.3.3` (a PyPI package) into held-out and
-training rows (seeded), fine-tunes the default model with `llamaherd train sft`, and reports on the
+training rows (seeded; no held-out question is asked by any training row), fine-tunes the default model with `llamaherd train sft`, and reports on the
 held-out conversations the validation loss before and after, and one behaviour the tuning changes:
 the corpus answers in a sentence or two, so the length of the model's greedy answers to the
 held-out questions, next to the reference answers' length. Writes bench/results/demo_sft.json.
@@ -52,8 +52,15 @@ def main() -> None:
     work = RESULTS / "demo-sft"
     work.mkdir(parents=True, exist_ok=True)
     rows = datasets.rows("chatterbot-english")
-    random.Random(a.seed).shuffle(rows)
-    held, train = rows[:a.held_out], rows[a.held_out:]
+    # the corpus repeats some conversations (and questions): the held-out questions are ones
+    # that no training row asks
+    by_question: dict[str, list[dict]] = {}
+    for row in rows:
+        by_question.setdefault(row["messages"][0]["content"].strip().lower(), []).append(row)
+    questions = sorted(by_question)
+    random.Random(a.seed).shuffle(questions)
+    held = [by_question[q][0] for q in questions[:a.held_out]]
+    train = [row for q in questions[a.held_out:] for row in by_question[q]]
     datasets.write_jsonl(train, work / "train.jsonl")
     datasets.write_jsonl(held, work / "held-out.jsonl")
     out = work / ("tuned-lora" if a.lora else "tuned")
