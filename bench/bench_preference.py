@@ -83,7 +83,8 @@ def child_llamaherd(a: argparse.Namespace) -> dict:
     (llamaherd.train.dpo if a.section == "dpo" else llamaherd.train.reward)(config)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
-    return {"losses": [r["loss"] for r in rows], "tokens": sum(r["tokens"] for r in rows),
+    return {"losses": [r["loss"] for r in rows], "grad_norms": [r["grad_norm"] for r in rows],
+            "tokens": sum(r["tokens"] for r in rows),
             "seconds": rows[-1]["elapsed_s"] + summary.get("reference_s", 0.0),
             "reference_s": summary.get("reference_s", 0.0), "peak_rss_mb": _peak_rss_mb()}
 
@@ -104,12 +105,14 @@ def child_trl(a: argparse.Namespace) -> dict:
     data = load_dataset("json", data_files=a.data, split="train").select(range(a.steps * 8))
     tokenizer = AutoTokenizer.from_pretrained(a.hf)
     losses: list[float] = []
+    norms: list[float] = []
     tokens = [0]
 
     class Log(TrainerCallback):
         def on_log(self, _args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
+                norms.append(float(logs.get("grad_norm", float("nan"))))
 
     common = {"output_dir": str(WORK / f"trl-{a.section}"), "per_device_train_batch_size": 8,
               "gradient_accumulation_steps": 1, "learning_rate": LR[a.section],
@@ -139,8 +142,8 @@ def child_trl(a: argparse.Namespace) -> dict:
         tokens[0] += 2 * prompt + len(row["chosen_ids"]) + len(row["rejected_ids"])
     t0 = time.perf_counter()
     trainer.train()
-    return {"losses": losses, "tokens": tokens[0], "seconds": time.perf_counter() - t0,
-            "peak_rss_mb": _peak_rss_mb()}
+    return {"losses": losses, "grad_norms": norms, "tokens": tokens[0],
+            "seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()}
 
 
 def sample_prompts(p: int) -> list[list[dict]]:

@@ -122,6 +122,47 @@ def distill(config_file: str | None, **flags: Any) -> None:
     run("distill", config_file, flags)
 
 
+def online_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The flags GRPO and PPO share (--data is a prompt JSONL there)."""
+    options = [
+        click.option("--verifier", default=None,
+                     help="Judge answers with f(row, reply): a name (math) or module:function."),
+        click.option("--reward-model", default=None,
+                     help="... or with this reward model (llamaherd train reward)."),
+        click.option("--group-size", type=int, default=None,
+                     help="Answers sampled a prompt each step (8)."),
+        click.option("--max-new-tokens", type=int, default=None,
+                     help="The longest answer sampled (256)."),
+        click.option("--temperature", type=float, default=None, help="Rollout temperature (1.0)."),
+        click.option("--clip-epsilon", type=float, default=None, help="PPO clipping (0.2)."),
+        click.option("--kl-coef", type=float, default=None,
+                     help="Weight of KL(policy || starting model) (0.01; 0 for none)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@train.command()
+@train_options
+@online_options
+def grpo(config_file: str | None, **flags: Any) -> None:
+    """GRPO: group_size answers a prompt drawn by the engine, judged, each scored against its
+    group; the engine refreshed from the policy after every step. --data: prompt rows."""
+    run("grpo", config_file, flags)
+
+
+@train.command()
+@train_options
+@online_options
+@click.option("--value-coef", type=float, default=None, help="Weight of the value loss (0.1).")
+@click.option("--gae-lambda", type=float, default=None, help="GAE's lambda (0.95).")
+def ppo(config_file: str | None, **flags: Any) -> None:
+    """PPO as Llama 2: a value head, per-token KL penalties with the judged reward at the end,
+    GAE, clipped policy and value losses; rollouts from the engine. --data: prompt rows."""
+    run("ppo", config_file, flags)
+
+
 @click.command()
 @click.option("--model", required=True, help="A reward model directory (llamaherd train reward).")
 @click.option("--data", required=True,

@@ -65,6 +65,15 @@ class TrainConfig:
     kd_temperature: float = 1.0  # distillation: the softmax temperature of teacher and student
     kd_top_k: int = 32  # distillation: the teacher's logits kept (cached) at each position
     prune_keep: int | None = None  # distillation: layers the student keeps (default: all)
+    verifier: str | None = None  # online (grpo, ppo): rewards from f(row, reply), by name or path
+    reward_model: str | None = None  # online: ... or from this reward model
+    group_size: int = 8  # online: answers sampled a prompt (GRPO's group)
+    max_new_tokens: int = 256  # online: the longest sampled answer
+    temperature: float = 1.0  # online: sampling temperature of the rollouts
+    clip_epsilon: float = 0.2  # online: PPO's ratio (and value) clipping
+    kl_coef: float = 0.01  # online: KL(policy || reference) weight (Llama 2: 0.01 at 7B/13B)
+    value_coef: float = 0.1  # PPO: the value loss's weight
+    gae_lambda: float = 0.95  # PPO: GAE's lambda (gamma is 1)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -90,6 +99,11 @@ class TrainConfig:
             raise ValueError(f"kd_top_k must be >= 1, got {self.kd_top_k}")
         if self.prune_keep is not None and self.prune_keep < 1:
             raise ValueError(f"prune_keep must be >= 1, got {self.prune_keep}")
+        for name in ("group_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.verifier is not None and self.reward_model is not None:
+            raise ValueError("give a verifier or a reward model, not both")
         if self.lora:
             self.lora_config()  # checks rank, dropout, targets
 

@@ -35,9 +35,9 @@ SCORE = "score"  # the head's module name (and, with ".weight", its tensor's)
 
 
 def add_score_head(model: nn.Module, weight: torch.Tensor | None = None,
-                   seed: int = 0) -> nn.Linear:
-    """Give `model` a scalar `score` head (dim -> 1, no bias): `weight` if given, else drawn
-    with `seed` as nn.Linear draws its weights."""
+                   seed: int = 0, name: str = SCORE) -> nn.Linear:
+    """Give `model` a scalar head `name` (dim -> 1, no bias; `score` for rewards, `value` for
+    PPO's values): `weight` if given, else drawn with `seed` as nn.Linear draws its weights."""
     dim = model.tok_embeddings.weight.shape[1]
     head = nn.Linear(dim, 1, bias=False, dtype=model.tok_embeddings.weight.dtype,
                      device=model.tok_embeddings.weight.device)
@@ -51,7 +51,7 @@ def add_score_head(model: nn.Module, weight: torch.Tensor | None = None,
             bound = 1 / math.sqrt(dim)
             g = torch.Generator().manual_seed(seed)
             head.weight.copy_(torch.rand(1, dim, generator=g) * 2 * bound - bound)
-    model.add_module(SCORE, head)
+    model.add_module(name, head)
     return head
 
 

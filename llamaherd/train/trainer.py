@@ -209,9 +209,16 @@ class Trainer:
         return {key: all_sum(sums.get(key, 0.0), self.world) / total for key in keys}
 
     # ---- the run ---------------------------------------------------------------------------------
-    def fit(self, train: Sequence[Any], validation: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    def fit(self, train: Sequence[Any], validation: Sequence[Any] = (), *,
+            draw: Callable[[list[Any]], tuple[list[Any], dict[str, float]]] | None = None,
+            evaluate: Callable[[Sequence[Any]], dict[str, float]] | None = None,
+            after_step: Callable[[], dict[str, float]] | None = None) -> list[dict[str, Any]]:
         """Train to the configured number of steps (resuming from the newest checkpoint when
-        config.resume); returns the logged metrics of this call."""
+        config.resume); returns the logged metrics of this call.
+
+        Online methods pass `draw`, which turns each batch of `train` items (prompts) into the
+        examples of the step (rollouts) and metrics to log, `evaluate` for their validation, and
+        `after_step` (e.g. refreshing the engine from the updated weights)."""
         c = self.config
         total = self.total_steps(len(train))
         warmup = c.warmup_steps if c.warmup_steps is not None else math.ceil(0.03 * total)
@@ -227,16 +234,23 @@ class Trainer:
         started, tokens_done = time.perf_counter(), 0.0
         with bar:
             while self.step < total:
-                row = self.train_step(next(batches))
+                batch, drawn = next(batches), {}
+                if draw is not None:
+                    batch, drawn = draw(batch)
+                row = self.train_step(batch)
+                if after_step is not None:
+                    drawn.update(after_step())
                 self.step += 1
                 tokens_done += row["tokens"]
                 elapsed = time.perf_counter() - started
-                row = {"step": self.step, "epoch": self._epoch(len(train)), **row,
+                row = {"step": self.step, "epoch": self._epoch(len(train)), **row, **drawn,
                        "tokens_per_s": tokens_done / elapsed,
                        "elapsed_s": elapsed}
                 if validation and (self.step % eval_every == 0 or self.step == total):
-                    row.update({f"eval_{k}": v for k, v in self.evaluate(validation).items()})
-                if self.step % c.log_every == 0 or self.step == total or "eval_loss" in row:
+                    measured = (evaluate or self.evaluate)(validation)
+                    row.update({f"eval_{k}": v for k, v in measured.items()})
+                if self.step % c.log_every == 0 or self.step == total or any(
+                        k.startswith("eval_") for k in row):
                     self._log(row)
                     logged.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from llamaherd.model import Transformer
-from llamaherd.train.losses.cross_entropy import linear_log_probs
-from llamaherd.train.packing import IGNORE, Batch
+from llamaherd.train.losses.logprobs import trained_log_probs
+from llamaherd.train.packing import Batch
 
 
 @dataclass
@@ -28,10 +28,8 @@ def sequence_log_probs(model: Transformer, batch: Batch, n_sequences: int,
     """Sum each packed sequence's token log-probabilities: over its trained tokens, and over
     those of them that are not in `formatting` (end-of-turn and end-of-text ids; the headers are
     never trained tokens)."""
-    h = model.hidden_states(batch.tokens, batch.positions, documents=batch.documents)
-    keep = batch.targets != IGNORE
-    targets, owner = batch.targets[keep], batch.sequences[keep]
-    logp = linear_log_probs(h[keep], model.output.weight, targets)  # (N,)
+    tokens = trained_log_probs(model, batch)
+    logp, targets, owner = tokens.logp, tokens.targets, tokens.owner
     scored = ~torch.isin(targets, torch.tensor(sorted(formatting), dtype=targets.dtype))
     zeros = torch.zeros(n_sequences, dtype=torch.float32)
     return SequenceLogProbs(

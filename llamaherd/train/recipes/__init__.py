@@ -8,8 +8,9 @@ from pathlib import Path
 from llamaherd.train.config import TrainConfig
 from llamaherd.train.recipes.distill import distill
 from llamaherd.train.recipes.dpo import dpo
+from llamaherd.train.recipes.online import grpo, ppo
 from llamaherd.train.recipes.reward import reward
 from llamaherd.train.recipes.sft import sft
 
 RECIPES: dict[str, Callable[[TrainConfig], Path]] = {"sft": sft, "reward": reward, "dpo": dpo,
-                                                 "distill": distill}
+                                                 "distill": distill, "grpo": grpo, "ppo": ppo}

@@ -58,6 +58,20 @@ class Recipe:
     def start(self, trainer: Trainer, train: Sequence[Any], validation: Sequence[Any]) -> None:
         """Compute what training needs from the starting model (e.g. reference log-probs)."""
 
+    def exported(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The trained weights as the output directory should hold them (e.g. without a value
+        head that only training needs)."""
+        return state
+
+    def fit(self, trainer: Trainer, train: Sequence[Any], validation: Sequence[Any]
+            ) -> list[dict[str, Any]]:
+        """Train (an online recipe draws its own examples); returns the logged metrics."""
+        return trainer.fit(train, validation)
+
+    def evaluate(self, trainer: Trainer, validation: Sequence[Any]) -> dict[str, float]:
+        """The validation metrics of the model as it is now."""
+        return trainer.evaluate(validation)
+
     def summary(self) -> dict[str, Any]:
         """What the recipe adds to summary.json (e.g. the time its start took)."""
         return {}
@@ -83,11 +97,13 @@ def prepare_model(ckpt: Checkpoint, config: TrainConfig, world: World, recipe: R
 
 
 def export(model: nn.Module, ckpt: Checkpoint, tokenizer: Tokenizer, config: TrainConfig,
-           out: Path, world: World) -> None:
+           out: Path, world: World, recipe: Recipe | None = None) -> None:
     """Write the trained model into `out` as a Hugging Face directory (every process takes part
     in gathering the weights; the first writes)."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                  cpu_offload=True))
+    if recipe is not None:
+        state = recipe.exported(state)
     if not world.main:
         return
     if config.lora:
@@ -155,15 +171,15 @@ def _run(recipe: Recipe, config: TrainConfig, world: World) -> Path:
                    f"parameters{' (LoRA)' if config.lora else ''} in {trainer.precision} on "
                    f"{world.size} process{'es' if world.distributed else ''}")
     recipe.start(trainer, train, validation)
-    before = trainer.evaluate(validation) if validation and not config.resume else None
-    metrics = trainer.fit(train, validation)
-    export(model, ckpt, tokenizer, config, out, world)
+    before = recipe.evaluate(trainer, validation) if validation and not config.resume else None
+    metrics = recipe.fit(trainer, train, validation)
+    export(model, ckpt, tokenizer, config, out, world, recipe)
     if world.main:
         summary: dict[str, Any] = {"recipe": recipe.name, "steps": trainer.step,
                                    "data": stats.summary()}
         for key, value in (before or {}).items():
             summary[f"eval_{key}_before"] = value
-        evals = [row for row in metrics if "eval_loss" in row]
+        evals = [row for row in metrics if any(k.startswith("eval_") for k in row)]
         for key, value in (evals[-1] if evals else {}).items():
             if key.startswith("eval_"):
                 summary[f"{key}_after"] = value
