@@ -31,13 +31,14 @@ WORK = RESULTS / "demo-preference"
 INSTRUCTION = " Answer with the number only."
 
 
-def accuracy(model: str, rows: list[dict], max_tokens: int, packed: bool = False) -> float:
-    """Greedy accuracy of `model` on `rows` (the engine, in float32 unless `packed`)."""
+def accuracy(model: str, rows: list[dict], max_tokens: int) -> float:
+    """Greedy accuracy of `model` on `rows`, through the engine on the weights packed as Q8_0
+    (every stage alike: the base GGUF's and the trained directories' float weights)."""
     import llamaherd
     from llamaherd.chat import build_prompt
     from llamaherd.train.verifiers import math_reward
 
-    llm = llamaherd.load(model, dtype=None if packed else "float32")
+    llm = llamaherd.load(model, quant="q8_0")
     prompts = [build_prompt(llm.chat_format, r["prompt"]) for r in rows]
     done = llm.generate(prompts, max_new_tokens=max_tokens, temperature=0.0)
     return sum(math_reward(r, c.text) for r, c in zip(rows, done, strict=True)) / len(rows)
@@ -85,6 +86,8 @@ def main() -> None:
         report[f"accuracy_{name}"] = accuracy(model, held, a.max_tokens)
         timings[f"eval_{name}"] = time.perf_counter() - t0
         print(f"{name}: held-out accuracy {report[f'accuracy_{name}']:.3f}", flush=True)
+        report["timings_s"] = timings
+        (RESULTS / "demo_preference.json").write_text(json.dumps(report, indent=2) + "\n")
 
     stage("base", DEFAULT_MODEL)
 
@@ -147,7 +150,6 @@ def main() -> None:
     report["grpo"]["train_reward_last_5"] = sum(m["reward"] for m in metrics[-5:]) / 5
     stage("grpo", str(grpo))
 
-    report["timings_s"] = timings
     (RESULTS / "demo_preference.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 

@@ -159,6 +159,9 @@ def open_checkpoint(name_or_path: str | Path, *, dtype: str | torch.dtype | None
     return ckpt, tokenizer
 
 
+PACKED_Q8_0 = "q8_0"
+
+
 def load(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None,
          quant: str | None = None) -> LLM:
     """Load a registered name, a .gguf file, a Hugging Face directory or a Meta directory.
@@ -167,14 +170,21 @@ def load(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None,
     path); dtype="float32" always selects the exact float32 path (GGUF weights dequantized).
     quant ("int8", "int4" or "fp8") quantizes the float weights after loading them (in float32
     unless dtype says otherwise; GGUF files are dequantized first); see llamaherd.quant.weight_only.
+    quant="q8_0" instead packs them as Q8_0 blocks for the C++ kernels: a float checkpoint (a
+    trained model's directory) then runs at a packed GGUF file's speed.
     Then runtime.prepare readies the model for inference.
     """
     from llamaherd.quant.weight_only import check_mode, quantize_model
 
     if quant is not None:
-        check_mode(quant)
+        if quant != PACKED_Q8_0:
+            check_mode(quant)
         dtype = "float32" if dtype is None else dtype
     ckpt, tokenizer = open_checkpoint(name_or_path, dtype=dtype, packed=dtype is None)
-    if quant is not None:
+    if quant == PACKED_Q8_0:  # float weights packed for the C++ kernels, as a Q8_0 GGUF would be
+        from llamaherd.checkpoint.packed import packed_model
+
+        ckpt.model = packed_model(ckpt.args, ckpt.model.state_dict())
+    elif quant is not None:
         quantize_model(ckpt.model, quant)
     return LLM(ckpt, tokenizer, runtime.prepare(ckpt.model))

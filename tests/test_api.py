@@ -135,3 +135,15 @@ def test_cli_reports_context_overflow_in_one_line() -> None:
     assert last.startswith("error: the prompt has 9000 tokens but the context window is 8192 "
                            "tokens")
     assert "--truncate" in last
+
+
+def test_float_weights_packed_as_q8_0_run_on_the_kernels(tiny_chat_gguf) -> None:
+    """load(quant="q8_0"): the float weights' matrices packed as Q8_0 for the kernels (how a
+    trained model's float directory runs fast), logits close to the float model's."""
+    exact = load(tiny_chat_gguf, dtype="float32")
+    fast = load(tiny_chat_gguf, quant="q8_0")
+    assert "GGUFLinear" in repr(fast.model.layers[0].attention)
+    ids = list(range(300, 330))
+    cos = torch.nn.functional.cosine_similarity(exact.logits(ids), fast.logits(ids), dim=-1)
+    assert cos.min() > 0.999
+    assert fast.generate("hi", max_new_tokens=3, temperature=0)[0].token_ids

@@ -28,6 +28,8 @@ def packed_model(args: ModelArgs, state: dict[str, torch.Tensor]) -> Transformer
     floats: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         module = name.removesuffix(".weight")
+        if module == "output" and args.tie_embeddings:
+            continue  # the embedding's table serves as the output projection
         if t.dim() != 2 or t.shape[1] % Q8_0_BLOCK:
             floats[name] = t.detach().float().contiguous()
             continue

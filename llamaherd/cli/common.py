@@ -53,8 +53,9 @@ def sampling_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Drop the oldest prompt tokens when the prompt overflows the window."),
         click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
                      default=None, help="Dequantize weights to this type (default: fastest)."),
-        click.option("--quant", type=click.Choice(["int8", "int4", "fp8"]), default=None,
-                     help="Weight-only quantization of float weights at load time."),
+        click.option("--quant", type=click.Choice(["int8", "int4", "fp8", "q8_0"]), default=None,
+                     help="Quantize float weights at load time: weight-only int8 / int4 / fp8, "
+                          "or q8_0 packed for the C++ kernels (fast)."),
     ]
     for option in reversed(options):
         fn = option(fn)

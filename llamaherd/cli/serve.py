@@ -22,8 +22,9 @@ from llamaherd.hub import DEFAULT_MODEL
 @click.option("--threads", default=None, type=click.IntRange(1, 1024),
               help="torch CPU threads (default: torch's choice).")
 @click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: fastest).")
-@click.option("--quant", type=click.Choice(["int8", "int4", "fp8"]), default=None,
-              help="Weight-only quantization of float weights at load time.")
+@click.option("--quant", type=click.Choice(["int8", "int4", "fp8", "q8_0"]), default=None,
+              help="Quantize float weights at load time: weight-only int8 / int4 / fp8, "
+                   "or q8_0 packed for the C++ kernels (fast).")
 @click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
               help="Reuse a prompt prefix (e.g. a shared system prompt) still in the KV cache.")
 @click.option("--stream-interval", default=0.05, show_default=True, type=click.FloatRange(0, 1),
