@@ -23,7 +23,7 @@ COMMANDS: list[click.Command] = [
     run,          # chat with a model, interactively or one question
     generate,     # complete a raw prompt
     serve,        # the OpenAI-compatible server and web chat page
-    train,        # post-training: train sft | reward | dpo | distill | grpo | ppo
+    train,        # post-training: train sft | reward | dpo | distill | grpo | ppo | rounds
     score,        # rewards of conversations under a reward model
     sample_best,  # rejection sampling: k answers a prompt, the best kept
     pull,         # fetch a registered model into the cache

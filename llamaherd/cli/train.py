@@ -163,6 +163,29 @@ def ppo(config_file: str | None, **flags: Any) -> None:
     run("ppo", config_file, flags)
 
 
+@train.command()
+@train_options
+@online_options
+@click.option("--rounds", "n_rounds", type=int, default=2, show_default=True)
+@click.option("-k", "k", type=int, default=8, show_default=True, help="Samples a prompt.")
+@click.option("--dpo-lr", type=float, default=None, help="DPO's learning rate (default: --lr).")
+@click.option("--beta", type=float, default=None, help="DPO's beta (0.1).")
+def rounds(config_file: str | None, n_rounds: int, k: int, dpo_lr: float | None,
+           **flags: Any) -> None:
+    """Rounds of rejection sampling -> SFT on the kept answers -> DPO on best/worst pairs, each
+    round's model sampling the next (Llama 3). --data: prompt rows; --val-data: held-out prompts
+    scored each round."""
+    from llamaherd.train import TrainConfig
+    from llamaherd.train.recipes.rounds import run_rounds
+
+    settings = {key: v for key, v in flags.items() if v is not None}
+    config = (TrainConfig.from_file(config_file, **settings) if config_file
+              else TrainConfig.make(**settings))
+    if not config.data or not config.out:
+        raise click.UsageError("--data and --out are required (or set in --config)")
+    run_rounds(config, n_rounds, k, dpo_settings={"lr": dpo_lr} if dpo_lr else None)
+
+
 @click.command()
 @click.option("--model", required=True, help="A reward model directory (llamaherd train reward).")
 @click.option("--data", required=True,
