@@ -7,6 +7,9 @@ model, one run, each side in its own process (so that its peak RSS is its own):
   without warm-up, float32, no NLL term on either side) against TRL's DPOTrainer. llamaherd's
   time counts its reference pass (log-probabilities computed once up front) with the training.
 - reward: reward-model training on the same pairs against TRL's RewardTrainer.
+- grpo: one GRPO iteration (4 ASDiv prompts x 8 answers of up to 64 tokens, judged by the math
+  verifier, then one update; llamaherd also refreshes its engine) against TRL's GRPOTrainer
+  (transformers generate), without a KL term on either side.
 - sample: rejection sampling's generation: K answers to each of P prompts (64 new tokens each,
   sampled at temperature 0.8) through llamaherd's engine on the packed GGUF weights, against
   transformers' generate (float32, num_return_sequences=K) on the same prompts.
@@ -193,9 +196,71 @@ def child_sample_transformers(a: argparse.Namespace) -> dict:
             "peak_rss_mb": _peak_rss_mb()}
 
 
+GRPO = {"steps": 3, "prompts": 4, "group": 8, "new_tokens": 64, "lr": 1e-6}
+
+
+def grpo_prompts(path: Path) -> Path:
+    """ASDiv problems as prompt rows with their answers (the math verifier's input)."""
+    from llamaherd import datasets
+
+    rows = datasets.rows("asdiv", quiet=True)[:GRPO["steps"] * GRPO["prompts"]]
+    datasets.write_jsonl(({"prompt": r["prompt"], "answer": r["answer"]} for r in rows), path)
+    return path
+
+
+def child_grpo_llamaherd(a: argparse.Namespace) -> dict:
+    import torch
+
+    import llamaherd.train
+
+    torch.set_num_threads(a.threads)
+    out = llamaherd.train.grpo(
+        model=a.model, data=a.data, out=str(WORK / "llamaherd-grpo"), steps=GRPO["steps"],
+        batch_size=GRPO["prompts"], group_size=GRPO["group"], max_new_tokens=GRPO["new_tokens"],
+        temperature=1.0, lr=GRPO["lr"], kl_coef=0.0, verifier="math", precision="float32",
+        val_fraction=0.0, warmup_steps=0, seed=SEED, threads=a.threads)
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"seconds": summary["train_s"], "steps": len(rows),
+            "rollout_s": summary["rollout_s"], "refresh_s_mean": summary["refresh_s_mean"],
+            "rewards": [r["reward"] for r in rows], "peak_rss_mb": _peak_rss_mb()}
+
+
+def child_grpo_trl(a: argparse.Namespace) -> dict:
+    import torch
+    from datasets import load_dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from llamaherd.train.verifiers import math_reward
+
+    torch.set_num_threads(a.threads)
+    data = load_dataset("json", data_files=a.data, split="train")
+    rewards: list[float] = []
+
+    def reward(completions, answer, **kwargs):
+        scores = [math_reward({"answer": gold}, c[0]["content"] if isinstance(c, list) else c)
+                  for c, gold in zip(completions, answer, strict=True)]
+        rewards.extend(scores)
+        return scores
+
+    config = GRPOConfig(
+        output_dir=str(WORK / "trl-grpo"),
+        per_device_train_batch_size=GRPO["prompts"] * GRPO["group"],
+        num_generations=GRPO["group"], max_completion_length=GRPO["new_tokens"], beta=0.0,
+        temperature=1.0, learning_rate=GRPO["lr"], max_steps=GRPO["steps"], logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, seed=SEED, dataloader_num_workers=0,
+        lr_scheduler_type="cosine", warmup_steps=0)
+    trainer = GRPOTrainer(model=a.hf, reward_funcs=[reward], args=config, train_dataset=data)
+    t0 = time.perf_counter()
+    trainer.train()
+    return {"seconds": time.perf_counter() - t0, "steps": GRPO["steps"],
+            "mean_reward": sum(rewards) / max(len(rewards), 1), "peak_rss_mb": _peak_rss_mb()}
+
+
 CHILDREN = {"llamaherd": child_llamaherd, "trl": child_trl,
             "sample-llamaherd": child_sample_llamaherd,
-            "sample-transformers": child_sample_transformers}
+            "sample-transformers": child_sample_transformers,
+            "grpo-llamaherd": child_grpo_llamaherd, "grpo-trl": child_grpo_trl}
 
 
 def run_child(name: str, a: argparse.Namespace, **extra: str) -> dict:
@@ -215,7 +280,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--sections", default="dpo,reward,sample")
+    ap.add_argument("--sections", default="dpo,reward,sample,grpo")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("-k", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -230,7 +295,15 @@ def main() -> None:
     ours, theirs, hf = prepare(a.model, a.steps * 8)
     results: dict[str, dict] = {}
     for section in a.sections.split(","):
-        if section == "sample":
+        if section == "grpo":
+            prompts = str(grpo_prompts(WORK / "grpo-prompts.jsonl"))
+            row = {"llamaherd": run_child("grpo-llamaherd", a, data=prompts, hf=str(hf)),
+                   "trl": run_child("grpo-trl", a, data=prompts, hf=str(hf))}
+            for r in row.values():
+                r["seconds_per_iteration"] = r["seconds"] / r["steps"]
+            row["speedup"] = (row["trl"]["seconds_per_iteration"]
+                              / row["llamaherd"]["seconds_per_iteration"])
+        elif section == "sample":
             row = {"llamaherd": run_child("sample-llamaherd", a, hf=str(hf)),
                    "transformers": run_child("sample-transformers", a, hf=str(hf))}
             for r in row.values():
@@ -253,7 +326,12 @@ def main() -> None:
     (RESULTS / "preference.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{report['cpu']}, {a.threads} threads")
     for section, row in results.items():
-        if section == "sample":
+        if section == "grpo":
+            print(f"grpo: {GRPO['prompts']} prompts x {GRPO['group']} answers x "
+                  f"{GRPO['new_tokens']} tokens a step: llamaherd "
+                  f"{row['llamaherd']['seconds_per_iteration']:.1f} s, TRL "
+                  f"{row['trl']['seconds_per_iteration']:.1f} s ({row['speedup']:.1f}x)")
+        elif section == "sample":
             print(f"sample: llamaherd {row['llamaherd']['samples_per_s']:.2f} samples/s, "
                   f"transformers {row['transformers']['samples_per_s']:.2f} "
                   f"({row['speedup']:.1f}x)")
