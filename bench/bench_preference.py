@@ -323,7 +323,11 @@ def main() -> None:
     report = {"cpu": cpu_name(), "threads": a.threads, "steps": a.steps, "prompts": a.prompts,
               "k": a.k, "new_tokens": a.new_tokens, "results": results}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "preference.json").write_text(json.dumps(report, indent=2) + "\n")
+    path = RESULTS / "preference.json"
+    if path.exists():  # sections run before and not now keep their figures
+        earlier = json.loads(path.read_text()).get("results", {})
+        report["results"] = {**earlier, **results}
+    path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{report['cpu']}, {a.threads} threads")
     for section, row in results.items():
         if section == "grpo":
