@@ -19,7 +19,6 @@ from llamaherd.train.rollout import PolicyEngine
 from tests.support.models import TINY, make_tiny_model
 
 
-
 def lowercase(row: dict, reply: str) -> float:
     """The tests' verifier: 1 when the reply starts with a lowercase letter (the tiny model's
     greedy answers do not; a good share of its samples do)."""
