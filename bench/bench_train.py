@@ -12,7 +12,9 @@ Figures: trained tokens/s (every non-padding token of the batch, as TRL's throug
 the time of the training loop, the model's load excluded), peak RSS, the loss of each step (the two
 curves must agree within the stated tolerance for the comparison to hold), and the model FLOP/s
 (6 x parameters per token, 4 x for LoRA's frozen weights) as a share of this CPU's measured matmul
-peak in that precision. Writes bench/results/train.json and train.png.
+peak in that precision. Writes bench/results/train.json and train.png. The preference and
+online methods (DPO, reward models, rejection sampling, GRPO) are measured by
+bench/bench_preference.py.
 """
 
 from __future__ import annotations
