@@ -35,13 +35,11 @@ def accuracy(model: str, rows: list[dict], max_tokens: int) -> float:
     """Greedy accuracy of `model` on `rows`, through the engine on the weights packed as Q8_0
     (every stage alike: the base GGUF's and the trained directories' float weights)."""
     import llamaherd
-    from llamaherd.chat import build_prompt
+    from llamaherd.train.rejection import greedy_reward, verifier_judge
     from llamaherd.train.verifiers import math_reward
 
-    llm = llamaherd.load(model, quant="q8_0")
-    prompts = [build_prompt(llm.chat_format, r["prompt"]) for r in rows]
-    done = llm.generate(prompts, max_new_tokens=max_tokens, temperature=0.0)
-    return sum(math_reward(r, c.text) for r, c in zip(rows, done, strict=True)) / len(rows)
+    return greedy_reward(llamaherd.load(model, quant="q8_0"), rows, verifier_judge(math_reward),
+                         max_tokens)
 
 
 def train(recipe: str, out: Path, **settings: object) -> Path:

@@ -11,6 +11,8 @@ import torch
 from llamaherd import hub
 from llamaherd.config import ModelArgs
 from llamaherd.model import Transformer
+from llamaherd.tokenizer import Tokenizer
+from llamaherd.tokenizer import load as load_tokenizer
 from tests.support import FIXTURES
 from tests.support.models import TINY, make_tiny_model
 
@@ -56,6 +58,18 @@ def tiny_gguf_with_vocab(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm() -> Tokenizer:
+    """The default model's tokenizer (SmolLM2's byte-level BPE and ChatML template)."""
+    return load_tokenizer(hub.pull("smollm2-135m-instruct", quiet=True))
+
+
+@pytest.fixture(scope="session")
+def llama31() -> Tokenizer:
+    """The Llama 3.1 tokenizer and chat format."""
+    return load_tokenizer(hub.pull("llama3-tokenizer", quiet=True))
+
+
+@pytest.fixture(scope="session")
 def tiny_chat_gguf(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Path:
     """A tiny random model (F32) carrying the default model's vocabulary and chat template, for
     fast end-to-end runs (training, serving) that need a real chat format."""
@@ -64,4 +78,17 @@ def tiny_chat_gguf(tmp_path_factory: pytest.TempPathFactory, default_model_path:
 
     model = make_tiny_model(TINY.replace(vocab_size=49152, max_seq_len=512, tie_embeddings=True))
     path = tmp_path_factory.mktemp("tiny-chat") / "tiny-chat.gguf"
+    return write_gguf(model, path, source=read_gguf(default_model_path))
+
+
+@pytest.fixture(scope="session")
+def sampler_gguf(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Path:
+    """A tiny random chat model whose own (untied, scaled) output layer spreads its probability,
+    so that sampled answers differ (the tied one of tiny_chat_gguf all but always says a
+    newline): for rejection sampling and online training."""
+    from llamaherd.checkpoint.gguf import read_gguf
+    from llamaherd.checkpoint.gguf_write import write_gguf
+
+    model = make_tiny_model(TINY.replace(vocab_size=49152, max_seq_len=512), logit_scale=8.0)
+    path = tmp_path_factory.mktemp("sampler") / "sampler.gguf"
     return write_gguf(model, path, source=read_gguf(default_model_path))

@@ -26,9 +26,10 @@ KEYMAP: dict[str, tuple[str, str]] = {
     "layers.{i}.ffn_norm.weight": ("blk.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
 }
 FORMATS = ("gguf", "hf")
-# Scalar heads of reward and value models (LlamaForSequenceClassification's `score`): not part of
-# the Transformer; a checkpoint keeps them aside (Checkpoint.heads), under the same name.
-HEADS = {"score.weight"}
+# Scalar heads of reward and value models (LlamaForSequenceClassification's `score`; PPO's
+# `value`): not part of the Transformer; a checkpoint keeps them aside (Checkpoint.heads), under
+# the same name.
+HEADS = {"score.weight", "value.weight"}
 # Tensors a format may hold that are not model parameters (rotary tables, recomputed here).
 IGNORED = {"gguf": {"rope_freqs.weight"}, "hf": set(), "meta": {"rope.freqs"}}
 

@@ -233,13 +233,10 @@ def sample_best(model: str, data: str, out: str, k: int, reward_model: str | Non
 
     import llamaherd
     from llamaherd.train import rejection
-    from llamaherd.train.reward_model import RewardModel
-    from llamaherd.train.verifiers import load_verifier
 
     if (reward_model is None) == (verifier is None):
         raise click.UsageError("give one of --reward-model and --verifier")
-    judge = (rejection.reward_model_judge(RewardModel.load(reward_model)) if reward_model
-             else rejection.verifier_judge(load_verifier(verifier)))  # type: ignore[arg-type]
+    judge = rejection.make_judge(verifier, reward_model)
     rows = rejection.read_prompt_rows(data)
     llm = llamaherd.load(model, dtype=dtype)
     _, report = rejection.sample_best(llm, rows, judge, k=k, out=out, pairs_out=pairs,

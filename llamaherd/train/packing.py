@@ -37,6 +37,21 @@ class Batch:
         return int((self.documents >= 0).sum())
 
 
+def groups_of(sizes: Sequence[int], limit: int) -> list[range]:
+    """Consecutive groups of items (their indices) whose sizes add up to at most `limit`, an item
+    larger than that alone: micro-batches that bound one forward's memory."""
+    groups: list[range] = []
+    start = total = 0
+    for i, n in enumerate(sizes):
+        if i > start and total + n > limit:
+            groups.append(range(start, i))
+            start, total = i, 0
+        total += n
+    if start < len(sizes):
+        groups.append(range(start, len(sizes)))
+    return groups
+
+
 def rows_of(examples: Sequence[Example], max_len: int) -> list[list[int]]:
     """The indices of the examples in rows of at most max_len tokens, first fit, in order."""
     rows: list[list[int]] = []

@@ -75,6 +75,30 @@ def verifier_judge(verifier: Callable[[dict[str, Any], str], float]) -> Judge:
     return judge
 
 
+def make_judge(verifier: str | None, reward_model: str | None) -> Judge:
+    """The judge of exactly one of: a verifier (a name in VERIFIERS or "module:function") and a
+    reward model directory."""
+    if (verifier is None) == (reward_model is None):
+        raise ValueError("give one of a verifier and a reward model")
+    if verifier is not None:
+        from llamaherd.train.verifiers import load_verifier
+
+        return verifier_judge(load_verifier(verifier))
+    from llamaherd.train.reward_model import RewardModel
+
+    return reward_model_judge(RewardModel.load(reward_model))  # type: ignore[arg-type]
+
+
+def greedy_reward(llm: Any, rows: Sequence[dict[str, Any]], judge: Judge,
+                  max_new_tokens: int) -> float:
+    """The mean reward of `llm`'s greedy answers to the rows' prompts."""
+    from llamaherd.chat import build_prompt
+
+    prompts = [build_prompt(llm.chat_format, prompt_messages(r)) for r in rows]
+    done = llm.generate(prompts, max_new_tokens=max_new_tokens, temperature=0.0)
+    return statistics.fmean(judge(list(rows), [c.text.strip() for c in done]))
+
+
 def sample_best(llm: Any, rows: Sequence[dict[str, Any]], judge: Judge, k: int = 8,
                 out: str | Path | None = None, pairs_out: str | Path | None = None,
                 temperature: float = 0.8, top_p: float = 1.0, max_new_tokens: int = 256,

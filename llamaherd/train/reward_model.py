@@ -29,7 +29,7 @@ from llamaherd.model import Transformer
 from llamaherd.tokenizer import Tokenizer
 from llamaherd.train.data import DataError, Example, encode_row
 from llamaherd.train.losses.reward import last_token_scores
-from llamaherd.train.packing import pack
+from llamaherd.train.packing import groups_of, pack
 
 SCORE = "score"  # the head's module name (and, with ".weight", its tensor's)
 
@@ -97,24 +97,19 @@ class RewardModel:
             return Example(ids, [True] * len(ids), "")
         return encode_row(row, self.fmt, self.tokenizer)
 
-    @torch.no_grad()
     def score(self, items: Sequence[Any]) -> list[float]:
         """The reward of each conversation (messages) or prompt/completion row."""
-        examples = [self.encode(item) for item in items]
+        return self.score_examples([self.encode(item) for item in items])
+
+    @torch.no_grad()
+    def score_examples(self, examples: Sequence[Example]) -> list[float]:
+        """The reward of each encoded example, in batches of about batch_tokens tokens."""
         out: list[float] = []
-        start = 0
-        while start < len(examples):  # batches of about batch_tokens tokens
-            end, size = start, 0
-            while end < len(examples) and (end == start or size + len(examples[end])
-                                           <= self.batch_tokens):
-                size += len(examples[end])
-                end += 1
-            chunk = examples[start:end]
-            width = max(len(e) for e in chunk)
-            batch = pack(chunk, max(width, self.batch_tokens))
+        for group in groups_of([len(e) for e in examples], self.batch_tokens):
+            chunk = examples[group.start:group.stop]
+            batch = pack(chunk, max(max(len(e) for e in chunk), self.batch_tokens))
             out += last_token_scores(self.model, getattr(self.model, SCORE), batch,
                                      len(chunk)).tolist()
-            start = end
         return out
 
 
@@ -134,25 +129,25 @@ def score_rows(models: Sequence[RewardModel], path: str | Path) -> list[dict[str
     safety-related prompt), and the two models' own scores follow it."""
     from llamaherd.train.data import read_rows
 
-    items: list[Any] = []
+    encoded: list[list[Example]] = [[] for _ in models]  # each model encodes in its format
     shapes: list[tuple[str, ...]] = []
     safety_tags: list[bool] = []
     for where, row in read_rows(path):
         try:
             if {"prompt", "chosen", "rejected"} <= row.keys():
-                for key in ("chosen", "rejected"):
-                    answer = row[key] if not isinstance(row[key], dict) else [row[key]]
-                    items.append({"prompt": row["prompt"], "completion": answer,
-                                  "tools": row.get("tools")})
+                items = [{"prompt": row["prompt"], "tools": row.get("tools"),
+                          "completion": row[key] if not isinstance(row[key], dict)
+                          else [row[key]]} for key in ("chosen", "rejected")]
                 shapes.append(("chosen", "rejected"))
             else:
-                items.append(as_row(row))
+                items = [as_row(row)]
                 shapes.append(("reward",))
-            models[0].encode(items[-1])  # a bad row is named before any scoring
+            for model, into in zip(models, encoded, strict=True):
+                into += [model.encode(item) for item in items]  # a bad row named before scoring
         except (DataError, ValueError) as e:
             raise DataError(f"{where}: {e}") from None
         safety_tags.append(bool(row.get("safety")))
-    scores = [m.score(items) for m in models]
+    scores = [m.score_examples(e) for m, e in zip(models, encoded, strict=True)]
     out, at = [], 0
     for shape, tagged in zip(shapes, safety_tags, strict=True):
         line: dict[str, Any] = {}

@@ -10,7 +10,7 @@ its cache rows copied to each of the group's samples) rather than at a float mod
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +28,18 @@ from llamaherd.train.lora import merged_state_dict
 @dataclass
 class Rollout(Example):
     """A prompt and one sampled answer: the answer's tokens (and its end-of-turn token, where it
-    stopped) are the trained ones. Per trained token: the policy's log-probability when it was
-    sampled (for the PPO ratio) and the reference model's (for the KL term)."""
+    stopped) are the trained ones. Per trained token: the reference model's log-probability (for
+    the KL term) and PPO's targets. The sampling policy's own log-probabilities are not kept: one
+    update is taken per batch of rollouts, so they are the current policy's, detached."""
 
     prompt_index: int = 0
     reply: str = ""
     reward: float = 0.0
     advantage: float = 0.0
-    old_logps: torch.Tensor | None = None  # (trained,)
     ref_logps: torch.Tensor | None = None  # (trained,)
     values: torch.Tensor | None = None  # PPO: the value head's estimates, (trained,)
     returns: torch.Tensor | None = None  # PPO: GAE returns, (trained,)
     advantages: torch.Tensor | None = None  # PPO: per-token advantages, (trained,)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def policy_state(model: nn.Module, lora_scale: float | None) -> dict[str, torch.Tensor]:
@@ -50,7 +49,7 @@ def policy_state(model: nn.Module, lora_scale: float | None) -> dict[str, torch.
                                                                  cpu_offload=True))
     if lora_scale is not None:
         state = merged_state_dict(state, lora_scale)
-    return {k: v for k, v in state.items() if k not in HEADS and not k.startswith("value.")}
+    return {k: v for k, v in state.items() if k not in HEADS}
 
 
 class PolicyEngine:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from llamaherd.train import checkpoints
 from llamaherd.train.config import TrainConfig
 from llamaherd.train.distributed import World, all_sum, all_union
+from llamaherd.train.packing import groups_of
 
 METRICS = "metrics.jsonl"
 
@@ -144,17 +145,8 @@ class Trainer:
     def by_tokens(self, examples: Sequence[Any]) -> list[Sequence[Any]]:
         """Consecutive groups of examples of at most micro_tokens tokens (an example longer than
         that alone), so that one forward's activations stay bounded."""
-        groups: list[Sequence[Any]] = []
-        start = size = 0
-        for i, ex in enumerate(examples):
-            n = self.objective.tokens([ex])
-            if i > start and size + n > self.config.micro_tokens:
-                groups.append(examples[start:i])
-                start, size = i, 0
-            size += n
-        if start < len(examples):
-            groups.append(examples[start:])
-        return groups
+        sizes = [self.objective.tokens([ex]) for ex in examples]
+        return [examples[g.start:g.stop] for g in groups_of(sizes, self.config.micro_tokens)]
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.precision == "bf16":

@@ -6,7 +6,6 @@ import datetime as dt
 
 import pytest
 
-from llamaherd import hub
 from llamaherd.chat import (
     ChatFormatError,
     JinjaChatFormat,
@@ -33,11 +32,6 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 
 @pytest.fixture(scope="module")
-def llama31() -> Tokenizer:
-    return load(hub.pull("llama3-tokenizer", quiet=True))
-
-
-@pytest.fixture(scope="module")
 def llama3_gguf() -> Tokenizer:
     return load(FIXTURES / "ggml-vocab-llama-bpe.gguf")
 
@@ -45,11 +39,6 @@ def llama3_gguf() -> Tokenizer:
 @pytest.fixture(scope="module")
 def llama2() -> Tokenizer:
     return load(FIXTURES / "ggml-vocab-llama-spm.gguf")
-
-
-@pytest.fixture(scope="module")
-def smollm() -> Tokenizer:
-    return load(hub.pull("smollm2-135m-instruct", quiet=True))
 
 
 # ---- choosing a format -------------------------------------------------------------------------

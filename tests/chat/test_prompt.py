@@ -30,16 +30,6 @@ PLAIN_CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }
                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-@pytest.fixture(scope="module")
-def smollm() -> Tokenizer:
-    return load(hub.pull("smollm2-135m-instruct", quiet=True))
-
-
-@pytest.fixture(scope="module")
-def llama31() -> Tokenizer:
-    return load(hub.pull("llama3-tokenizer", quiet=True))
-
-
 def test_each_format_names_its_tool_call_syntax(smollm: Tokenizer, llama31: Tokenizer) -> None:
     assert chat_format(smollm).tool_syntax == CHATML_TOOL_CALL  # a ChatML vocabulary
     assert chat_format(llama31).tool_syntax == LLAMA3_TOOL_CALL

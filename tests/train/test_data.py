@@ -8,20 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from llamaherd import hub
 from llamaherd.chat import chat_format
-from llamaherd.tokenizer import Tokenizer, load
+from llamaherd.tokenizer import Tokenizer
 from llamaherd.train.data import DataError, encode_row, load_examples, read_rows, split
-
-
-@pytest.fixture(scope="module")
-def smollm() -> Tokenizer:
-    return load(hub.pull("smollm2-135m-instruct", quiet=True))
-
-
-@pytest.fixture(scope="module")
-def llama31() -> Tokenizer:
-    return load(hub.pull("llama3-tokenizer", quiet=True))
 
 
 def trained_text(tok: Tokenizer, row: dict) -> tuple[str, str]:

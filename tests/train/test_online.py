@@ -13,8 +13,6 @@ import torch
 
 import llamaherd
 import llamaherd.train
-from llamaherd import hub
-from llamaherd.tokenizer import load
 from llamaherd.train.rollout import PolicyEngine
 from tests.support.models import TINY, make_tiny_model
 
@@ -23,17 +21,6 @@ def lowercase(row: dict, reply: str) -> float:
     """The tests' verifier: 1 when the reply starts with a lowercase letter (the tiny model's
     greedy answers do not; a good share of its samples do)."""
     return 1.0 if reply[:1].islower() else 0.0
-
-
-@pytest.fixture(scope="module")
-def policy_gguf(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Path:
-    """A tiny chat model whose output layer spreads its probability, so that answers vary."""
-    from llamaherd.checkpoint.gguf import read_gguf
-    from llamaherd.checkpoint.gguf_write import write_gguf
-
-    model = make_tiny_model(TINY.replace(vocab_size=49152, max_seq_len=512), logit_scale=8.0)
-    path = tmp_path_factory.mktemp("policy") / "policy.gguf"
-    return write_gguf(model, path, source=read_gguf(default_model_path))
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +33,10 @@ def prompts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return train, held
 
 
-def test_refreshed_engine_computes_the_updated_policy() -> None:
-    tok = load(hub.pull("smollm2-135m-instruct", quiet=True))
+def test_refreshed_engine_computes_the_updated_policy(smollm) -> None:
     args = TINY.replace(vocab_size=49152, max_seq_len=512)
     policy = make_tiny_model(args, logit_scale=8.0)
-    engine = PolicyEngine(args, tok)
+    engine = PolicyEngine(args, smollm)
     engine.refresh(policy)
     ids = list(range(300, 340))
 
@@ -75,11 +61,11 @@ def test_refreshed_engine_computes_the_updated_policy() -> None:
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_grpo_raises_the_verifiers_reward(policy_gguf: Path, prompts: tuple[Path, Path],
+def test_grpo_raises_the_verifiers_reward(sampler_gguf: Path, prompts: tuple[Path, Path],
                                           tmp_path: Path, lora: bool) -> None:
     train, held = prompts
     out = llamaherd.train.grpo(
-        model=str(policy_gguf), data=str(train), val_data=str(held), out=str(tmp_path / "g"),
+        model=str(sampler_gguf), data=str(train), val_data=str(held), out=str(tmp_path / "g"),
         verifier="tests.train.test_online:lowercase", steps=12, batch_size=4, group_size=4,
         max_new_tokens=8, lr=3e-2 if lora else 1e-2, lora=lora, lora_rank=8,
         precision="float32", eval_every=6, kl_coef=0.01)
@@ -95,11 +81,11 @@ def test_grpo_raises_the_verifiers_reward(policy_gguf: Path, prompts: tuple[Path
 
 
 def test_ppo_from_the_cli_trains_a_value_head_and_exports_the_policy(
-        policy_gguf: Path, prompts: tuple[Path, Path], tmp_path: Path) -> None:
+        sampler_gguf: Path, prompts: tuple[Path, Path], tmp_path: Path) -> None:
     train, held = prompts
     out = tmp_path / "p"
     done = subprocess.run(
-        [sys.executable, "-m", "llamaherd.cli", "train", "ppo", "--model", str(policy_gguf),
+        [sys.executable, "-m", "llamaherd.cli", "train", "ppo", "--model", str(sampler_gguf),
          "--data", str(train), "--val-data", str(held), "--out", str(out),
          "--verifier", "tests.train.test_online:lowercase", "--steps", "12", "--batch-size",
          "4", "--group-size", "4", "--max-new-tokens", "8", "--lr", "1e-2",

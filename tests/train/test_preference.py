@@ -8,18 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from llamaherd import hub
 from llamaherd.chat import chat_format
-from llamaherd.tokenizer import Tokenizer, load
+from llamaherd.tokenizer import Tokenizer
 from llamaherd.train.data import DataError
 from llamaherd.train.preference import encode_pair, load_pairs, margin_of
 from llamaherd.train.recipes.dpo import formatting_ids
-
-
-@pytest.fixture(scope="module")
-def smollm() -> Tokenizer:
-    return load(hub.pull("smollm2-135m-instruct", quiet=True))
-
 
 ROW = {"prompt": [{"role": "user", "content": "2+2?"}],
        "chosen": [{"role": "assistant", "content": "4"}],

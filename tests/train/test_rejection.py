@@ -20,7 +20,6 @@ from llamaherd.train.rejection import (
     verifier_judge,
 )
 from llamaherd.train.reward_model import RewardModel, add_score_head
-from tests.support.models import TINY, make_tiny_model
 
 ROWS = [{"prompt": [{"role": "user", "content": f"What is {a} plus {a}?"}], "answer": str(2 * a),
          "id": f"q{a}"} for a in range(1, 6)]
@@ -29,18 +28,6 @@ ROWS = [{"prompt": [{"role": "user", "content": f"What is {a} plus {a}?"}], "ans
 def characters(row: dict, reply: str) -> float:
     """A verifier for the tests: longer replies are better."""
     return float(len(reply))
-
-
-@pytest.fixture(scope="module")
-def sampler_gguf(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Path:
-    """A tiny random chat model whose own output layer spreads its probability (the tied one of
-    tiny_chat_gguf all but always says a newline), so that k draws differ."""
-    from llamaherd.checkpoint.gguf import read_gguf
-    from llamaherd.checkpoint.gguf_write import write_gguf
-
-    model = make_tiny_model(TINY.replace(vocab_size=49152, max_seq_len=512), logit_scale=8.0)
-    path = tmp_path_factory.mktemp("sampler") / "sampler.gguf"
-    return write_gguf(model, path, source=read_gguf(default_model_path))
 
 
 @pytest.fixture(scope="module")

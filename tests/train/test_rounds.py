@@ -8,20 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from tests.support.models import TINY, make_tiny_model
-
-
-@pytest.fixture(scope="module")
-def sampler_gguf(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Path:
-    from llamaherd.checkpoint.gguf import read_gguf
-    from llamaherd.checkpoint.gguf_write import write_gguf
-
-    model = make_tiny_model(TINY.replace(vocab_size=49152, max_seq_len=512), logit_scale=8.0)
-    path = tmp_path_factory.mktemp("sampler") / "sampler.gguf"
-    return write_gguf(model, path, source=read_gguf(default_model_path))
-
 
 def test_two_rounds(sampler_gguf: Path, tmp_path: Path) -> None:
     rows = [{"prompt": f"Say something about the number {i}."} for i in range(20)]

@@ -52,12 +52,13 @@ from llamaherd.train.losses.policy import (
 )
 from llamaherd.train.packing import pack
 from llamaherd.train.recipes.common import Recipe, run_recipe
+from llamaherd.train.recipes.dpo import formatting_ids
 from llamaherd.train.rejection import (
     Judge,
+    greedy_reward,
+    make_judge,
     prompt_messages,
     read_prompt_rows,
-    reward_model_judge,
-    verifier_judge,
 )
 from llamaherd.train.reward_model import add_score_head
 from llamaherd.train.rollout import PolicyEngine, Rollout, make_rollout
@@ -163,14 +164,7 @@ class Online(Recipe):
                              "engine); start it without torchrun")
         c = self.config
         assert c is not None and self.engine is not None
-        if c.verifier is not None:
-            from llamaherd.train.verifiers import load_verifier
-
-            self.judge = verifier_judge(load_verifier(c.verifier))
-        else:
-            from llamaherd.train.reward_model import RewardModel
-
-            self.judge = reward_model_judge(RewardModel.load(c.reward_model))  # type: ignore[arg-type]
+        self.judge = make_judge(c.verifier, c.reward_model)
         self.engine.refresh(trainer.model)
 
     # ---- rollouts --------------------------------------------------------------------------------
@@ -195,9 +189,7 @@ class Online(Recipe):
         started = time.perf_counter()
         ids, done = self.answers(rows, c.group_size, temperature=c.temperature,
                                  seed=c.seed * 1_000_003 + trainer.step * 1009)
-        stops = frozenset(self.fmt.stop_ids) | (
-            {self.tokenizer.eos_id} if self.tokenizer and self.tokenizer.eos_id is not None
-            else set())
+        stops = formatting_ids(self.fmt, self.tokenizer)  # type: ignore[arg-type]
         rollouts = [make_rollout(ids[comp.prompt_index], comp, stops, comp.prompt_index)
                     for comp in done]
         rollouts = [r for r in rollouts if r.trained]  # an empty answer has nothing to train
@@ -283,11 +275,9 @@ class Online(Recipe):
 
     def evaluate(self, trainer: Trainer, validation: Sequence[Any]) -> dict[str, float]:
         """The mean reward of the engine's greedy answers to the held-out prompts."""
-        assert self.judge is not None
-        rows = list(validation)
-        _, done = self.answers(rows, 1, temperature=0.0)
-        replies = [c.text.strip() for c in done]
-        return {"reward": statistics.fmean(self.judge(rows, replies))}
+        assert self.judge is not None and self.engine is not None and self.config is not None
+        return {"reward": greedy_reward(self.engine.llm, validation, self.judge,
+                                        self.config.max_new_tokens)}
 
     def summary(self) -> dict[str, Any]:
         refreshes = self.engine.refreshes if self.engine else []

@@ -24,38 +24,12 @@ import llamaherd
 from llamaherd.datasets import write_jsonl
 from llamaherd.train.config import TrainConfig
 from llamaherd.train.rejection import (
-    Judge,
+    greedy_reward,
+    make_judge,
     read_prompt_rows,
     report_dict,
-    reward_model_judge,
     sample_best,
-    verifier_judge,
 )
-
-
-def make_judge(verifier: str | None, reward_model: str | None) -> Judge:
-    if (verifier is None) == (reward_model is None):
-        raise ValueError("give one of a verifier and a reward model")
-    if verifier is not None:
-        from llamaherd.train.verifiers import load_verifier
-
-        return verifier_judge(load_verifier(verifier))
-    from llamaherd.train.reward_model import RewardModel
-
-    return reward_model_judge(RewardModel.load(reward_model))  # type: ignore[arg-type]
-
-
-def greedy_reward(model: str, rows: list[dict[str, Any]], judge: Judge, max_new_tokens: int
-                  ) -> float:
-    """The mean reward of `model`'s greedy answers to `rows`."""
-    from llamaherd.chat import build_prompt
-    from llamaherd.train.rejection import prompt_messages
-
-    llm = llamaherd.load(model, quant="q8_0")
-    prompts = [build_prompt(llm.chat_format, prompt_messages(r)) for r in rows]
-    done = llm.generate(prompts, max_new_tokens=max_new_tokens, temperature=0.0)
-    rewards = judge(rows, [c.text.strip() for c in done])
-    return sum(rewards) / len(rewards)
 
 
 def run_rounds(config: TrainConfig, rounds: int = 2, k: int = 8,
@@ -76,8 +50,8 @@ def run_rounds(config: TrainConfig, rounds: int = 2, k: int = 8,
     report: list[dict[str, Any]] = []
     if held:
         report.append({"round": 0, "model": model,
-                       "held_out_reward": greedy_reward(model, held, judge,
-                                                        config.max_new_tokens)})
+                       "held_out_reward": greedy_reward(llamaherd.load(model, quant="q8_0"), held,
+                                                        judge, config.max_new_tokens)})
     for r in range(1, rounds + 1):
         folder = out / f"round-{r}"
         folder.mkdir(exist_ok=True)
@@ -107,7 +81,8 @@ def run_rounds(config: TrainConfig, rounds: int = 2, k: int = 8,
         row: dict[str, Any] = {"round": r, "model": model, "sampling": report_dict(stats),
                                "kept": len(chosen), "pairs": n_pairs}
         if held:
-            row["held_out_reward"] = greedy_reward(model, held, judge, config.max_new_tokens)
+            row["held_out_reward"] = greedy_reward(llamaherd.load(model, quant="q8_0"), held,
+                                                   judge, config.max_new_tokens)
             tqdm.write(f"round {r}: held-out greedy reward {row['held_out_reward']:.3f}")
         report.append(row)
         (out / "rounds.json").write_text(json.dumps(report, indent=2) + "\n")
