@@ -85,8 +85,8 @@ def encode_pair(row: dict[str, Any], fmt: ChatFormat, tokenizer: Tokenizer, wher
         margin = margin_of(row, scale)
     except DataError as e:
         raise DataError(f"{where}: {e}" if where else str(e)) from None
-    return Pair(sides[0].__class__(sides[0].tokens, sides[0].labels, where),
-                sides[1].__class__(sides[1].tokens, sides[1].labels, where), margin, where)
+    chosen, rejected = (Example(ex.tokens, ex.labels, where) for ex in sides)
+    return Pair(chosen, rejected, margin, where)
 
 
 def load_pairs(path: str | Path, fmt: ChatFormat, tokenizer: Tokenizer, max_len: int,
