@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from llamaherd.generation.chat import ChatCompletion
     from llamaherd.generation.engine import Engine
     from llamaherd.generation.generate import Completion
+    from llamaherd.generation.sampling import SamplingParams
     from llamaherd.generation.sequence import Event
 
 Messages = Iterable["Message | Mapping[str, Any]"]
@@ -91,6 +92,14 @@ class LLM:
 
         return speculative_stream(self._engine, prompts, params,
                                   draft if isinstance(draft, str) else draft.runner, draft_k)
+
+    def events_each(self, prompts: list[list[int]],
+                    params: list[SamplingParams]) -> Iterator[Event]:
+        """Engine events for token-id prompts, each with its own SamplingParams."""
+        from llamaherd.generation.generate import generate_stream, sized_engine
+
+        self._engine = sized_engine(self._engine, self.runner, self.tokenizer, prompts, params)
+        return generate_stream(self._engine, prompts, params)
 
     def generate(self, prompt_or_prompts: str | list[int] | list[str] | list[list[int]],
                  **sampling: Any) -> list[Completion]:

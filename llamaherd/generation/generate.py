@@ -37,26 +37,28 @@ class Completion:
 
 
 def generate_stream(engine: Engine, prompts: list[list[int]],
-                    params: SamplingParams) -> Iterator[Event]:
+                    params: SamplingParams | list[SamplingParams]) -> Iterator[Event]:
     """Events for params.n completions of each prompt, in the order the engine produces them.
 
-    Prompts join the engine as soon as enough cache rows are free, so more prompts than rows
-    simply queue. Closing the iterator early (or an exception in the consumer, such as Ctrl-C)
-    cancels the sequences still running.
+    `params` is one SamplingParams for every prompt, or a list with one per prompt (a stateful
+    logits processor belongs to one sequence). Prompts join the engine as soon as enough cache
+    rows are free, so more prompts than rows simply queue. Closing the iterator early (or an
+    exception in the consumer, such as Ctrl-C) cancels the sequences still running.
     """
-    if params.n > engine.rows:
-        raise ValueError(f"n={params.n} completions need {params.n} cache rows; the engine "
-                         f"has {engine.rows}")
-    for p in prompts:  # fail before anything starts
-        engine.fit_prompt(p, params)
-    queue = list(enumerate(prompts))
+    each = per_prompt(params, len(prompts))
+    for p, pp in zip(prompts, each):  # fail before anything starts
+        if pp.n > engine.rows:
+            raise ValueError(f"n={pp.n} completions need {pp.n} cache rows; the engine "
+                             f"has {engine.rows}")
+        engine.fit_prompt(p, pp)
+    queue = list(enumerate(zip(prompts, each)))
     mine: set[int] = set()  # ids of this request's sequences still running
     started: list[Sequence] = []
     try:
         while queue or mine:
-            while queue and engine.free_rows >= params.n:
-                index, prompt = queue.pop(0)
-                for s in engine.add_group(prompt, params):
+            while queue and engine.free_rows >= queue[0][1][1].n:
+                index, (prompt, pp) = queue.pop(0)
+                for s in engine.add_group(prompt, pp):
                     s.prompt_index = index
                     mine.add(s.id)
                     started.append(s)
@@ -69,6 +71,15 @@ def generate_stream(engine: Engine, prompts: list[list[int]],
         for s in started:
             if not s.finished:
                 engine.cancel(s)
+
+
+def per_prompt(params: SamplingParams | list[SamplingParams], n: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt: the same one n times, or a list of n checked."""
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise ValueError(f"{len(params)} sampling settings for {n} prompts")
+    return list(params)
 
 
 def collect(events: Iterable[Event]) -> list[Completion]:
@@ -122,15 +133,18 @@ def to_token_ids(tokenizer: Tokenizer, prompt_or_prompts: Any) -> PromptBatch:
 
 
 def sized_engine(engine: Engine | None, runner: Runner, tokenizer: Tokenizer,
-                 prompts: list[list[int]], params: SamplingParams) -> Engine:
+                 prompts: list[list[int]],
+                 params: SamplingParams | list[SamplingParams]) -> Engine:
     """`engine` if it is idle and big enough for these prompts, else a new one that is.
 
     The cache gets one row per completion (up to 16 at once, more queue) and room for the longest
     prompt plus max_new_tokens, rounded up to 256 positions and capped at the context window.
     """
     window = runner.model.args.max_seq_len
-    rows = max(params.n, min(16, params.n * len(prompts)))
-    need = max(len(p) for p in prompts) + params.max_new_tokens
+    each = per_prompt(params, len(prompts))
+    n = max(p.n for p in each)
+    rows = max(n, min(16, n * len(prompts)))
+    need = max(len(p) + pp.max_new_tokens for p, pp in zip(prompts, each))
     max_len = min(window, -(-need // 256) * 256)
     if engine is not None and engine.runner is runner and engine.rows >= rows and \
             engine.max_len >= max_len:

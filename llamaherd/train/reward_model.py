@@ -35,22 +35,25 @@ SCORE = "score"  # the head's module name (and, with ".weight", its tensor's)
 
 
 def add_score_head(model: nn.Module, weight: torch.Tensor | None = None,
-                   seed: int = 0, name: str = SCORE) -> nn.Linear:
-    """Give `model` a scalar head `name` (dim -> 1, no bias; `score` for rewards, `value` for
-    PPO's values): `weight` if given, else drawn with `seed` as nn.Linear draws its weights."""
+                   seed: int = 0, name: str = SCORE, outputs: int = 1) -> nn.Linear:
+    """Give `model` a head `name` (dim -> outputs, no bias; a scalar `score` for rewards or
+    `value` for PPO's values, one logit per class for a classifier): `weight` if given (its rows
+    set the outputs), else drawn with `seed` as nn.Linear draws its weights."""
     dim = model.tok_embeddings.weight.shape[1]
-    head = nn.Linear(dim, 1, bias=False, dtype=model.tok_embeddings.weight.dtype,
+    if weight is not None:
+        outputs = weight.shape[0]
+    head = nn.Linear(dim, outputs, bias=False, dtype=model.tok_embeddings.weight.dtype,
                      device=model.tok_embeddings.weight.device)
     with torch.no_grad():
         if weight is not None:
-            if tuple(weight.shape) != (1, dim):
+            if weight.dim() != 2 or weight.shape[1] != dim:
                 raise ValueError(f"a score head of shape {tuple(weight.shape)} does not fit a "
                                  f"model of dim {dim}")
             head.weight.copy_(weight)
         else:
             bound = 1 / math.sqrt(dim)
             g = torch.Generator().manual_seed(seed)
-            head.weight.copy_(torch.rand(1, dim, generator=g) * 2 * bound - bound)
+            head.weight.copy_(torch.rand(outputs, dim, generator=g) * 2 * bound - bound)
     model.add_module(name, head)
     return head
 
