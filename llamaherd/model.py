@@ -100,6 +100,9 @@ class KVCache(nn.Module):
         return self.k[rows, :, :length], self.v[rows, :, :length]
 
 
+SHARED = -2  # the document id of a packed row's shared prefix (see StepContext.make)
+
+
 @dataclass
 class StepContext:
     """What every layer of one forward pass shares: positions, rotations, cache rows, the mask."""
@@ -124,8 +127,10 @@ class StepContext:
         rot = torch.polar(torch.ones_like(angles), angles)[:, :, None]
         length = int(pos.max()) + 1
         mask = None
-        if documents is not None:  # packed rows: earlier tokens of the same document only
-            same = documents[:, :, None] == documents[:, None, :]
+        if documents is not None:  # packed rows: earlier tokens of the same document only,
+            # and of a row's shared prefix (SHARED), which every document continues
+            same = (documents[:, :, None] == documents[:, None, :]) | \
+                (documents[:, None, :] == SHARED)
             return StepContext(pos, rot, rows, length,
                                (same & (pos[:, :, None] >= pos[:, None, :]))[:, None], True)
         if not (B == 1 and T == 1):  # one query at the newest position sees every cached key
@@ -267,7 +272,8 @@ class Transformer(nn.Module):
         output_index: (B,) if given, only the logits of token output_index[b] in each row are
         computed, shape (B, V); otherwise (B, T, V).
         documents: (B, T) without a cache, for rows that pack several examples: the example each
-        token belongs to; attention never crosses examples (input_pos restarts with each).
+        token belongs to; attention never crosses examples (input_pos restarts with each), except
+        into a row's shared prefix (document SHARED), which every example continues.
         """
         h = self.blocks(tokens, input_pos, cache_rows, documents)
         if output_index is not None:

@@ -41,6 +41,8 @@ def train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--grad-accum", type=int, default=None, help="Micro-steps per optimizer step."),
         click.option("--max-len", type=int, default=None,
                      help="Tokens per packed row (default 512)."),
+        click.option("--share-prefix/--no-share-prefix", default=None,
+                     help="Compute the examples' common untrained prefix once a packed row."),
         click.option("--micro-tokens", type=int, default=None,
                      help="Tokens per forward/backward pass (default 512): bounds activation "
                           "memory."),

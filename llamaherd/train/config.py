@@ -36,6 +36,7 @@ class TrainConfig:
     grad_accum: int = 1
     micro_tokens: int = 512  # at most this many tokens a forward/backward (activation memory)
     max_len: int = 512
+    share_prefix: bool = False  # compute the examples' common untrained prefix once a packed row
     overlong: str = "truncate"  # or "drop"
     lr: float | None = None  # default 2e-5, or 2e-4 with LoRA
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio

@@ -1,8 +1,14 @@
-"""Packing examples into rows: no padding between them, and nothing shared across them.
+"""Packing examples into rows: no padding between them, and nothing shared across them, except
+on request a prefix they all start with.
 
 Each example keeps its own positions (restarting at 0) and its own document id, and the model's
 attention never crosses documents (Transformer.forward's `documents`), so a packed row computes
 what each example computes alone. Rows are padded at the end only, to the longest row of a batch.
+
+With `share_prefix`, the untrained tokens every example of the batch starts with (a long system
+prompt, a classifier's instructions) are computed once per row: each row begins with them as
+document SHARED, which every example's tokens may attend to, and each example continues at the
+positions after them. The losses are those of packing each example whole.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llamaherd.model import SHARED
 from llamaherd.train.data import Example
 
 IGNORE = -100  # a target that carries no loss
@@ -52,44 +59,63 @@ def groups_of(sizes: Sequence[int], limit: int) -> list[range]:
     return groups
 
 
-def rows_of(examples: Sequence[Example], max_len: int) -> list[list[int]]:
-    """The indices of the examples in rows of at most max_len tokens, first fit, in order."""
+def shared_prefix(examples: Sequence[Example]) -> int:
+    """How many leading tokens every example has in common and can share: none of those tokens'
+    next tokens is trained, and each example keeps at least one token of its own."""
+    first = examples[0].tokens
+    n = min(len(e) for e in examples) - 1
+    for e in examples:
+        trained = next((t for t, on in enumerate(e.labels[1:], 1) if on), len(e))
+        same = next((i for i, (a, b) in enumerate(zip(e.tokens, first)) if a != b), n)
+        n = min(n, trained - 1, same)
+    return max(n, 0)
+
+
+def rows_of(sizes: Sequence[int], max_len: int, where: Sequence[str]) -> list[list[int]]:
+    """The indices of items of these sizes in rows of at most max_len tokens, first fit, in
+    order."""
     rows: list[list[int]] = []
-    sizes: list[int] = []
-    for i, ex in enumerate(examples):
-        if len(ex) > max_len:
-            raise ValueError(f"{ex.where}: {len(ex)} tokens do not fit a row of {max_len}")
-        for r, size in enumerate(sizes):
-            if size + len(ex) <= max_len:
+    room: list[int] = []
+    for i, n in enumerate(sizes):
+        if n > max_len:
+            raise ValueError(f"{where[i]}: {n} tokens do not fit a row of {max_len}")
+        for r, size in enumerate(room):
+            if size + n <= max_len:
                 rows[r].append(i)
-                sizes[r] += len(ex)
+                room[r] += n
                 break
         else:
             rows.append([i])
-            sizes.append(len(ex))
+            room.append(n)
     return rows
 
 
-def pack(examples: Sequence[Example], max_len: int) -> Batch:
-    """One batch of the examples packed into rows of at most max_len tokens."""
-    rows = rows_of(examples, max_len)
-    width = max(sum(len(examples[i]) for i in row) for row in rows)
+def pack(examples: Sequence[Example], max_len: int, share_prefix: bool = False) -> Batch:
+    """One batch of the examples packed into rows of at most max_len tokens; with share_prefix,
+    their common untrained prefix once at the start of each row."""
+    p = shared_prefix(examples) if share_prefix and len(examples) > 1 else 0
+    prefix = torch.tensor(examples[0].tokens[:p], dtype=torch.long)
+    rows = rows_of([len(e) - p for e in examples], max_len - p, [e.where for e in examples])
+    width = p + max(sum(len(examples[i]) - p for i in row) for row in rows)
     tokens = torch.zeros(len(rows), width, dtype=torch.long)
     positions = torch.zeros(len(rows), width, dtype=torch.long)
     documents = torch.full((len(rows), width), -1, dtype=torch.long)
     targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     sequences = torch.full((len(rows), width), -1, dtype=torch.long)
+    tokens[:, :p] = prefix
+    positions[:, :p] = torch.arange(p)
+    documents[:, :p] = SHARED
     for r, row in enumerate(rows):
-        at = 0
+        at = p
         for d, i in enumerate(row):
             ex = examples[i]
-            n = len(ex)
-            ids = torch.tensor(ex.tokens)
+            n = len(ex) - p
+            ids = torch.tensor(ex.tokens[p:])
             tokens[r, at:at + n] = ids
-            positions[r, at:at + n] = torch.arange(n)
+            positions[r, at:at + n] = torch.arange(p, p + n)
             documents[r, at:at + n] = d
             sequences[r, at:at + n] = i
-            trained = torch.tensor(ex.labels[1:], dtype=torch.bool)
+            trained = torch.tensor(ex.labels[p + 1:], dtype=torch.bool)
             targets[r, at:at + n - 1] = torch.where(trained, ids[1:], IGNORE)
             at += n
     return Batch(tokens, positions, documents, targets, sequences)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from llamaherd.train.data import Example
-from llamaherd.train.packing import IGNORE, pack, rows_of
+from llamaherd.model import SHARED
+from llamaherd.train.losses import sft_loss
+from llamaherd.train.packing import IGNORE, pack, rows_of, shared_prefix
 from tests.support.models import TINY, make_tiny_model
 
 
@@ -15,7 +17,7 @@ def example(tokens: list[int], trained_from: int, where: str = "x") -> Example:
 
 def test_rows_are_filled_first_fit_in_order() -> None:
     sizes = [5, 4, 3, 6, 2]
-    rows = rows_of([example(list(range(n)), 0) for n in sizes], max_len=9)
+    rows = rows_of(sizes, max_len=9, where=['x'] * len(sizes))
     assert rows == [[0, 1], [2, 3], [4]]  # sizes 5+4, 3+6, 2
 
 
@@ -45,3 +47,44 @@ def test_a_packed_row_computes_what_each_example_computes_alone() -> None:
                 cols = (batch.documents[r] == d).nonzero()[:, 0]
                 alone = model(batch.tokens[r, cols][None])[0]
                 torch.testing.assert_close(packed[r, cols], alone, atol=2e-5, rtol=1e-5)
+
+
+def test_a_shared_prefix_is_the_untrained_start_every_example_has() -> None:
+    a = example([1, 2, 3, 4, 5, 6], 5)
+    b = example([1, 2, 3, 9, 9, 9, 7], 6)
+    assert shared_prefix([a, b]) == 3  # the tokens differ from the 4th on
+    assert shared_prefix([a, example([1, 2, 3, 4, 5, 8], 3)]) == 2  # its 3rd token's next trains
+    assert shared_prefix([a, example([1, 2], 1)]) == 0  # position 0 already predicts a target
+    assert shared_prefix([example([1, 2, 3], 3), example([1, 2, 3, 4], 4)]) == 2  # one kept
+
+
+def test_a_shared_prefix_packs_once_a_row_and_every_example_continues_it() -> None:
+    a, b = example([1, 2, 3, 10, 11], 4), example([1, 2, 3, 20, 21, 22], 5)
+    batch = pack([a, b], max_len=16, share_prefix=True)
+    assert batch.tokens.tolist() == [[1, 2, 3, 10, 11, 20, 21, 22]]
+    assert batch.positions.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5]]
+    assert batch.documents.tolist() == [[SHARED] * 3 + [0, 0, 1, 1, 1]]
+    assert batch.sequences.tolist() == [[-1, -1, -1, 0, 0, 1, 1, 1]]
+    assert batch.targets.tolist() == [[IGNORE, IGNORE, IGNORE, 11, IGNORE, IGNORE, 22, IGNORE]]
+
+
+def test_sharing_a_prefix_leaves_logits_and_the_loss_as_packing_whole_examples() -> None:
+    model = make_tiny_model(TINY)
+    g = torch.Generator().manual_seed(1)
+    head = torch.randint(0, TINY.vocab_size, (9,), generator=g).tolist()
+    examples = [example(head + torch.randint(0, TINY.vocab_size, (n,), generator=g).tolist(),
+                        9 + n - 2) for n in (4, 7, 3, 6, 5)]
+    shared = pack(examples, max_len=24, share_prefix=True)
+    whole = pack(examples, max_len=24)
+    assert shared.tokens.shape[0] < whole.tokens.shape[0] and shared.n_targets == whole.n_targets
+    with torch.no_grad():
+        torch.testing.assert_close(sft_loss(model, shared), sft_loss(model, whole),
+                                   atol=1e-5, rtol=1e-5)
+        logits = model(shared.tokens, shared.positions, documents=shared.documents)
+        for r in range(shared.tokens.shape[0]):
+            for i in shared.sequences[r].unique().tolist():
+                if i < 0:
+                    continue
+                cols = (shared.sequences[r] == i).nonzero()[:, 0]
+                alone = model(torch.tensor([examples[i].tokens]))[0, 9:]
+                torch.testing.assert_close(logits[r, cols], alone, atol=2e-5, rtol=1e-5)

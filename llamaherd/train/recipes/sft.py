@@ -31,12 +31,14 @@ from llamaherd.train.trainer import Objective
 
 @dataclass
 class SFTObjective:
-    """Next-token NLL over the trained tokens of examples packed into rows of max_len."""
+    """Next-token NLL over the trained tokens of examples packed into rows of max_len (their
+    common untrained prefix once a row with share_prefix)."""
 
     max_len: int
+    share_prefix: bool = False
 
     def loss(self, model: nn.Module, examples: Sequence[Example]) -> torch.Tensor:
-        return sft_loss(model, pack(examples, self.max_len))
+        return sft_loss(model, pack(examples, self.max_len, self.share_prefix))
 
     def count(self, examples: Sequence[Example]) -> int:
         return sum(e.trained for e in examples)
@@ -53,7 +55,7 @@ class SFT(Recipe):
         return load_examples(path, fmt, tokenizer, config.max_len, config.overlong)
 
     def objective(self, config: TrainConfig) -> Objective:
-        return SFTObjective(config.max_len)
+        return SFTObjective(config.max_len, config.share_prefix)
 
 
 def sft(config: TrainConfig) -> Path:
