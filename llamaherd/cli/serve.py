@@ -29,16 +29,31 @@ from llamaherd.hub import DEFAULT_MODEL
               help="Reuse a prompt prefix (e.g. a shared system prompt) still in the KV cache.")
 @click.option("--stream-interval", default=0.05, show_default=True, type=click.FloatRange(0, 1),
               help="Seconds between writes of a stream's new tokens (0: every token as made).")
+@click.option("--input-shield", metavar="GUARD", default=None,
+              help="A Llama Guard model (name or path; MODEL itself to share its engine) that "
+                   "judges each request's last user message; flagged ones get the refusal.")
+@click.option("--output-shield", metavar="GUARD", default=None,
+              help="A Llama Guard model that judges each answer as it is made; a flagged answer "
+                   "is stopped and replaced by the refusal (finish_reason content_filter).")
+@click.option("--prompt-shield", metavar="CLASSIFIER", default=None,
+              help="A Prompt Guard classifier that flags jailbreaks and prompt injections in "
+                   "each request's last user message.")
+@click.option("--shield-every", default=32, show_default=True, type=click.IntRange(1, 4096),
+              help="Answer tokens between two output-shield checks (and one at the end); the "
+                   "client gets the answer as each check passes.")
 @friendly
 def serve(model: str, host: str, port: int, max_seqs: int, max_queue: int, ctx_size: int,
           model_id: str | None, threads: int | None, dtype: str | None,
-          quant: str | None, prefix_cache: bool, stream_interval: float) -> None:
+          quant: str | None, prefix_cache: bool, stream_interval: float,
+          input_shield: str | None, output_shield: str | None, prompt_shield: str | None,
+          shield_every: int) -> None:
     """Serve MODEL behind an OpenAI-compatible API, with a web chat page at /."""
     import torch
     import uvicorn
 
     from llamaherd.api import load
     from llamaherd.serve.app import create_app
+    from llamaherd.serve.shields import load_shields
 
     _check_listen(host, port)  # before the model loads, so a busy port fails at once
     # The engine thread does the model's work with `threads` threads; this one keeps to one, so
@@ -49,9 +64,11 @@ def serve(model: str, host: str, port: int, max_seqs: int, max_queue: int, ctx_s
     if model_id is None:
         model_id = model if "/" not in model and not model.endswith(".gguf") else \
             llm.checkpoint.path.stem
+    shields = load_shields(input_shield, output_shield, prompt_shield, model, llm,
+                           every=shield_every, dtype=dtype, quant=quant)
     app = create_app(llm, model_id, max_seqs=max_seqs, max_queue=max_queue, context=ctx_size,
                      threads=threads, prefix_cache=prefix_cache,
-                     stream_interval=stream_interval)
+                     stream_interval=stream_interval, shields=shields)
     click.echo(f"serving {model_id} on http://{host}:{port}/  (OpenAI API at /v1)", err=True)
     # uvicorn takes uvloop and httptools (dependencies) where installed: cheaper per token than
     # its pure-Python defaults (asyncio, h11), for an event loop that shares the cores with the

@@ -6,7 +6,7 @@ import asyncio
 import gc
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from fastapi import FastAPI
 
@@ -18,6 +18,7 @@ from llamaherd.serve.middleware import BodyLimit, CountRequests, ExpectJobs
 from llamaherd.serve.openai_format import TokenText, now
 from llamaherd.serve.routes import router
 from llamaherd.serve.scheduler import Scheduler
+from llamaherd.serve.shields import LlamaGuardShield, Shields
 from llamaherd.serve.state import ServerState
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 def create_app(llm: LLM, model_id: str, *, max_seqs: int = 8, max_queue: int = 64,
                context: int = 2048, max_body: int = 4 << 20,
                threads: int | None = None, prefix_cache: bool = True,
-               stream_interval: float = 0.0) -> FastAPI:
+               stream_interval: float = 0.0, shields: Shields | None = None) -> FastAPI:
     """An app serving `llm` as `model_id`.
 
     threads: torch threads of the engine thread (None: leave torch's setting).
@@ -36,19 +37,33 @@ def create_app(llm: LLM, model_id: str, *, max_seqs: int = 8, max_queue: int = 6
     prefix_cache: reuse a prompt prefix that is still in the KV cache from an earlier request.
     stream_interval: seconds between hand-overs of generated tokens to the event loop (0: every
     step); a stream then gets its tokens in bursts, one write each (see Scheduler).
+    shields: Llama Guard and Prompt Guard checks of requests and answers (serve/shields.py: a
+    guard that is another model gets an engine and scheduler of its own, as many rows).
     """
     context = min(context, llm.args.max_seq_len)
 
-    def start(app: FastAPI) -> Scheduler:
+    def start(app: FastAPI) -> list[Worker]:
         metrics = Metrics()
+        loop = asyncio.get_running_loop()
         engine = Engine(llm.runner, llm.tokenizer, rows=max_seqs, max_len=context,
                         prefix_cache=prefix_cache)
-        scheduler = Scheduler(engine, asyncio.get_running_loop(), max_queue, metrics.report,
+        scheduler = Scheduler(engine, loop, max_queue, metrics.report,
                               threads=threads, stream_interval=stream_interval)
+
+        def guard_scheduler(shield: LlamaGuardShield) -> Scheduler:
+            guard = shield.guard.llm
+            engine = Engine(guard.runner, guard.tokenizer, rows=max_seqs,
+                            max_len=shield.context(context), prefix_cache=prefix_cache)
+            return Scheduler(engine, loop, max_queue, threads=threads)
+
+        workers: list[Worker] = [scheduler]
+        if shields is not None:
+            workers += shields.start(llm, scheduler, metrics, loop, guard_scheduler, threads)
         guidance = Guidance(llm.tokenizer, llm.args.vocab_size)
         app.state.server = ServerState(llm, model_id, context, scheduler, guidance, metrics,
-                                       TokenText(llm.tokenizer), llm.chat_format, created=now())
-        return scheduler
+                                       TokenText(llm.tokenizer), llm.chat_format, created=now(),
+                                       shields=shields)
+        return workers
 
     app = FastAPI(title="llamaherd", lifespan=_lifespan(start), docs_url=None, redoc_url=None)
     install_handlers(app)
@@ -59,22 +74,32 @@ def create_app(llm: LLM, model_id: str, *, max_seqs: int = 8, max_queue: int = 6
     return app
 
 
-def _lifespan(start: Callable[[FastAPI], Scheduler]
+class Worker(Protocol):
+    """A thread of the server's (a scheduler, a classifier's queue), started and stopped with it."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def _lifespan(start: Callable[[FastAPI], list[Worker]]
               ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
-    """Build the server's state when the app starts (`start`) and stop its scheduler at the end."""
+    """Build the server's state when the app starts (`start`) and stop its threads at the end."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        scheduler = start(app)
+        workers = start(app)
         # What exists now (the model's modules, the tokenizer's tables, the libraries' objects)
         # lives as long as the server: frozen, it is left out of Python's full collections, which
         # would otherwise walk it all, holding up every stream meanwhile.
         gc.collect()
         gc.freeze()
-        scheduler.start()
+        for worker in workers:
+            worker.start()
         try:
             yield
         finally:
-            scheduler.stop()
+            for worker in workers:
+                worker.stop()
 
     return lifespan

@@ -62,7 +62,9 @@ class ChatRun(Run):
                 p = sampling_params(req, budget, logprobs, state.vocab, seed_offset=i)
                 p.logits_processors = [c.constraint]
                 per_choice.append(p)
-        super().__init__(state, [Job(prompt, per_choice)], req.n, choices)
+        conversation = [{"role": "system" if m.role == "developer" else m.role,
+                         "content": m.text()} for m in req.messages]
+        super().__init__(state, [Job(prompt, per_choice)], req.n, choices, [conversation])
 
     def _grammar_error(self, c: ChatChoice) -> APIError | None:
         if c.constraint is not None and c.constraint.error is not None:
@@ -82,6 +84,13 @@ class ChatRun(Run):
     def response(self) -> dict[str, Any]:
         out = []
         for c in self.choices:
+            if c.violation is not None:  # a shield's refusal instead of the answer
+                message = {"role": "assistant", "content": c.violation.user_message,
+                           "refusal": None}
+                out.append({"index": c.index, "message": message, "logprobs": None,
+                            "finish_reason": "content_filter",
+                            "safety_violation": c.violation.to_dict()})
+                continue
             error = self._grammar_error(c)
             if error is not None:
                 raise error
@@ -107,6 +116,13 @@ class ChatRun(Run):
 
     def closing(self) -> list[bytes]:
         return [self.out.usage_chunk(*self.usage())] if self.out.include_usage else []
+
+    def refusal(self, c: Choice) -> list[bytes]:
+        v = c.violation
+        assert v is not None
+        return [self.out.content(c.index, v.user_message),
+                self.out.chunk(c.index, {}, finish_reason="content_filter",
+                               extra={"safety_violation": v.to_dict()})]
 
     def deltas(self, c: ChatChoice, event: Event) -> list[bytes]:  # type: ignore[override]
         out, chunks = self.out, []

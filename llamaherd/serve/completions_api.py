@@ -36,19 +36,27 @@ class CompletionRun(Run):
                            f"{state.scheduler.max_seqs} sequences", param="n")
         self.req = req
         events: asyncio.Queue[Event | Exception] = asyncio.Queue()
-        jobs = []
+        jobs, texts = [], []
         for p in prompts:
+            texts.append(p if isinstance(p, str) else state.tokenizer.decode(p))
             ids = completion_prompt_ids(state.tokenizer, p, state.vocab)
             budget = output_budget(len(ids), req.max_tokens, state.context)
             params = sampling_params(req, budget, req.logprobs, state.vocab)
             params.n = req.n
             jobs.append(Job(ids, [params], events=events))
-        super().__init__(state, jobs, req.n)
+        # the shields judge each prompt as a user message; one flagged refuses the request
+        conversations = [[{"role": "user", "content": t}] for t in texts]
+        super().__init__(state, jobs, req.n, conversations=conversations)
         self.id, self.created = new_id("cmpl"), now()
 
     def response(self) -> dict[str, Any]:
         choices = []
         for c in self.choices:
+            if c.violation is not None:  # a shield's refusal instead of the answer
+                choices.append({"text": c.violation.user_message, "index": c.index,
+                                "logprobs": None, "finish_reason": "content_filter",
+                                "safety_violation": c.violation.to_dict()})
+                continue
             lp = None
             if self.req.logprobs is not None:
                 lp = completion_logprobs(self.state.token_text, c.logprobs)
@@ -66,6 +74,17 @@ class CompletionRun(Run):
             return []
         choice = {"text": event.text, "index": c.index, "logprobs": lp,
                   "finish_reason": event.finish_reason}
+        obj = text_completion(self.req.model, [choice], 0, 0, self.id, self.created,
+                              with_usage=False)
+        if self.req.include_usage():
+            obj["usage"] = None
+        return [sse(obj)]
+
+    def refusal(self, c: Choice) -> list[bytes]:
+        v = c.violation
+        assert v is not None
+        choice = {"text": v.user_message, "index": c.index, "logprobs": None,
+                  "finish_reason": "content_filter", "safety_violation": v.to_dict()}
         obj = text_completion(self.req.model, [choice], 0, 0, self.id, self.created,
                               with_usage=False)
         if self.req.include_usage():

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one server: requests, tokens, queue depth, time to first token, speed."""
+"""Prometheus metrics of one server: requests, tokens, queue depth, time to first token, speed,
+and the shields' checks and flags."""
 
 from __future__ import annotations
 
@@ -40,6 +41,15 @@ class Metrics:
         self.throughput = Gauge("llamaherd_generation_tokens_per_second",
                                 "Aggregate output tokens per second over the last few seconds",
                                 registry=r)
+        # stage: input, output (a chat or text completion), moderation, run_shield (the APIs)
+        self.shield_checks = Counter("llamaherd_shield_checks",
+                                     "Texts or conversations judged by a shield, by stage",
+                                     ["shield", "stage"], registry=r)
+        # category: a Llama Guard code (S1-S14, "unspecified" when the guard named none) or the
+        # Prompt Guard label (injection, jailbreak)
+        self.shield_flagged = Counter("llamaherd_shield_flagged",
+                                      "Checks a shield flagged, by stage and category",
+                                      ["shield", "stage", "category"], registry=r)
         self._window: list[tuple[float, int]] = []
         self._lock = threading.Lock()
 

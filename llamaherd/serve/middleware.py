@@ -6,8 +6,9 @@ each generation request the moment it arrives, before its body is read and check
 
 1. ExpectJobs (here) calls Scheduler.expect() as a POST to a generation endpoint starts, and
    marks the request in the ANNOUNCED context variable as "announced, no job yet".
-2. When the request's job is submitted, ServerState.submit sees the mark and passes
-   expected=True, which counts the announcement off (Scheduler.submit). A request that ends
+2. When the request's first job is submitted, ServerState.submit (or a shield's check, see
+   serve/shields.py) claims the mark (claim_announcement) and passes expected=True, which counts
+   the announcement off (Scheduler.submit). A request that ends
    without a job (a 400, a 429) is counted off by ExpectJobs with expect(-1).
 3. The scheduler's engine thread, idle and given a job, first lets the event loop run what it
    has already received (Scheduler._catch_up: requests read so far get to announce themselves),
@@ -27,6 +28,15 @@ from llamaherd.serve.errors import APIError
 
 # While a generation request is read and checked: [whether it has submitted a job] (step 1-2)
 ANNOUNCED: ContextVar[list[bool] | None] = ContextVar("announced", default=None)
+
+
+def claim_announcement() -> bool:
+    """Whether this is the first job of an announced request (step 2): True once a request."""
+    announced = ANNOUNCED.get()
+    if announced is None or announced[0]:
+        return False
+    announced[0] = True
+    return True
 
 
 class BodyLimit:
@@ -80,8 +90,8 @@ class BodyLimit:
 class CountRequests:
     """Counts API requests by endpoint and status code in the server's metrics."""
 
-    ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize",
-                 "/detokenize")
+    ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/moderations",
+                 "/v1/shields", "/v1/safety/run-shield", "/tokenize", "/detokenize")
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

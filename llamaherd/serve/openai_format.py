@@ -100,11 +100,14 @@ class ChatChunks:
         return parts[0] + json.dumps(text, ensure_ascii=False).encode() + parts[1]
 
     def chunk(self, index: int, delta: dict[str, Any], finish_reason: str | None = None,
-              logprobs: list[dict[str, Any]] | None = None) -> bytes:
+              logprobs: list[dict[str, Any]] | None = None,
+              extra: dict[str, Any] | None = None) -> bytes:
+        """One choice's chunk; `extra`: llamaherd's own fields of the choice (a shield's
+        `safety_violation`)."""
         choice = {"index": index, "delta": delta,
                   "logprobs": None if logprobs is None else {"content": logprobs,
                                                              "refusal": None},
-                  "finish_reason": finish_reason}
+                  "finish_reason": finish_reason, **(extra or {})}
         obj: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk",
                                "created": self.created, "model": self.model,
                                "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [choice]}

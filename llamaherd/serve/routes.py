@@ -1,5 +1,6 @@
-"""The server's endpoints: OpenAI's chat and text completions and models, tokenizer helpers,
-health, metrics and the web page. Each handler finds the server's state on the app."""
+"""The server's endpoints: OpenAI's chat and text completions, models and moderations, Llama
+Stack's shields, tokenizer helpers, health, metrics and the web page. Each handler finds the
+server's state on the app."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from llamaherd.serve.errors import APIError
 from llamaherd.serve.metrics import CONTENT_TYPE
 from llamaherd.serve.prompting import chat_prompt_ids
 from llamaherd.serve.run import Run
+from llamaherd.serve.safety_api import get_shield, list_shields, moderate, run_shield
 from llamaherd.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ModerationRequest,
+    RunShieldRequest,
     TokenizeRequest,
 )
 from llamaherd.serve.state import ServerState
@@ -68,9 +72,11 @@ async def get_model(model: str, request: Request) -> dict[str, Any]:
 
 async def respond(run: Run, stream: bool, request: Request) -> Response:
     if stream:
-        return StreamingResponse(await run.stream(), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
-    return JSONResponse(await run.complete(request))
+        chunks = await run.stream()
+        return StreamingResponse(chunks, media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, **run.headers()})
+    body = await run.complete(request)
+    return JSONResponse(body, headers=run.headers())
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -81,6 +87,26 @@ async def chat(body: ChatCompletionRequest, request: Request) -> Response:
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> Response:
     return await respond(CompletionRun(server(request), body), bool(body.stream), request)
+
+
+@router.post("/v1/moderations")
+async def moderations(body: ModerationRequest, request: Request) -> dict[str, Any]:
+    return await moderate(server(request).shields, body)
+
+
+@router.get("/v1/shields")
+async def shields(request: Request) -> dict[str, Any]:
+    return list_shields(server(request).shields)
+
+
+@router.get("/v1/shields/{identifier:path}")
+async def shield(identifier: str, request: Request) -> dict[str, Any]:
+    return get_shield(server(request).shields, identifier)
+
+
+@router.post("/v1/safety/run-shield")
+async def safety_run_shield(body: RunShieldRequest, request: Request) -> dict[str, Any]:
+    return await run_shield(server(request).shields, body)
 
 
 @router.post("/tokenize")

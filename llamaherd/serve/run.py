@@ -1,8 +1,11 @@
 """One generation request as engine jobs, collected whole or streamed: what chat and text
-completions share (the Run base class; chat_api.py and completions_api.py fill in the shapes)."""
+completions share (the Run base class; chat_api.py and completions_api.py fill in the shapes),
+shields included: the input shields judge the request before any job starts, the output shield
+the answers as they are made (serve/output_shield.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,8 +16,10 @@ from llamaherd.generation.sampling import TokenLogprob
 from llamaherd.generation.sequence import Event
 from llamaherd.serve.errors import APIError
 from llamaherd.serve.openai_format import sse
+from llamaherd.serve.output_shield import Checked, OutputWatch
 from llamaherd.serve.scheduler import Job
-from llamaherd.serve.state import ServerState, ends_on_stop_token, next_event, watch_disconnect
+from llamaherd.serve.shields import Message, Violation
+from llamaherd.serve.state import ServerState, as_event, ends_on_stop_token, watch_disconnect
 
 
 @dataclass
@@ -27,6 +32,7 @@ class Choice:
     chars: int = 0  # characters of text before the newest piece
     finish_reason: str | None = None
     event: Event | None = None  # the last event (its .seq has the full output)
+    violation: Violation | None = None  # a shield's, when one stopped this choice
 
 
 class Run:
@@ -34,13 +40,18 @@ class Run:
     report to one event queue: choice j * n + k is the k-th sequence of job j.
 
     Subclasses give the response shapes: `response` (the whole answer), and for a stream
-    `opening` (chunks before any token), `deltas` (the chunks of one event) and `closing`.
+    `opening` (chunks before any token), `deltas` (the chunks of one event), `refusal` (the
+    chunks of a choice a shield stopped) and `closing`. `conversations`: each job's prompt as
+    messages, for the shields.
     """
 
     def __init__(self, state: ServerState, jobs: list[Job], n: int,
-                 choices: list[Choice] | None = None) -> None:
+                 choices: list[Choice] | None = None,
+                 conversations: list[list[Message]] | None = None) -> None:
         self.state, self.jobs, self.n = state, jobs, n
         self.choices = choices or [Choice(i) for i in range(len(jobs) * n)]
+        self.conversations = conversations  # one per job
+        self.refused: Violation | None = None  # the input shields' verdict
         self._index: dict[int, int] = {}  # sequence id -> choice index
 
     # ---- the jobs -------------------------------------------------------------------------------
@@ -66,10 +77,65 @@ class Run:
                     idx = self._index[event.seq.id] = j * self.n + ids.index(event.seq.id)
         return self.choices[idx]  # type: ignore[index]
 
-    async def next(self) -> tuple[Choice, Event]:
-        """The next event of any job, recorded in its choice."""
-        event = await next_event(self.jobs[0])  # every job shares the one queue
-        c = self._choice(event)
+    # ---- shields --------------------------------------------------------------------------------
+    async def screen(self) -> bool:
+        """Run the input shields; True if they refuse the request (every choice then ends with
+        the refusal, and no job is submitted)."""
+        shields = self.state.shields
+        if shields is None or self.conversations is None:
+            return False
+        verdicts = await asyncio.gather(*(shields.check_input(c) for c in self.conversations))
+        self.refused = next((v for v in verdicts if v is not None), None)
+        if self.refused is None:
+            return False
+        for c in self.choices:
+            c.violation, c.finish_reason = self.refused, "content_filter"
+        return True
+
+    def headers(self) -> dict[str, str]:
+        """Response headers naming the input shields' violation, if any."""
+        if self.refused is None:
+            return {}
+        return {"x-llamaherd-shield": self.refused.shield_id,
+                "x-llamaherd-violation": self.refused.violation_type}
+
+    def _watch(self) -> OutputWatch | None:
+        shields = self.state.shields
+        if shields is None or shields.output is None or self.conversations is None:
+            return None
+        conversations = self.conversations
+        return OutputWatch(shields.output, lambda c: conversations[c.index // self.n],
+                           shields.every, self.jobs[0].events, self.state.scheduler)
+
+    # ---- the events -----------------------------------------------------------------------------
+    async def released(self) -> AsyncIterator[tuple[Choice, Event | None]]:
+        """Every choice's events as they may reach the client, recorded in their choices: at
+        once, or with an output shield once it has judged the answer up to them. A choice the
+        shield stops ends with (choice, None), its violation set."""
+        watch = self._watch()
+        pending = len(self.choices)
+        try:
+            while pending:
+                item = await self.jobs[0].events.get()  # every job shares the one queue
+                if isinstance(item, Checked):
+                    out = watch.checked(item)  # type: ignore[union-attr]
+                else:
+                    event = as_event(self.jobs[0], item)
+                    c = self._choice(event)
+                    if watch is not None:
+                        watch.receive(c, event)
+                        continue
+                    out = [(c, event)]
+                for c, e in out:
+                    if e is not None:
+                        self._record(c, e)
+                    pending -= e is None or e.finish_reason is not None
+                    yield c, e
+        finally:
+            if watch is not None:
+                watch.close()
+
+    def _record(self, c: Choice, event: Event) -> None:
         if event.logprob is not None and not ends_on_stop_token(event):
             c.logprobs.append(event.logprob)
         c.chars += sum(len(t) for t in c.text[-1:])
@@ -77,7 +143,6 @@ class Run:
         if event.finish_reason is not None:
             c.finish_reason = event.finish_reason
             c.event = event
-        return c, event
 
     def usage(self) -> tuple[int, int, int]:
         """(prompt tokens, completion tokens, prompt tokens found in the cache)."""
@@ -95,16 +160,18 @@ class Run:
     # ---- whole response -------------------------------------------------------------------------
     async def complete(self, request: Request) -> dict[str, Any]:
         """Run every choice to its end (cancelled if the client leaves) and answer at once."""
+        if await self.screen():
+            return self.response()
         self.submit()
         watcher = watch_disconnect(request, self.state, self.jobs)
+        events = self.released()
         try:
-            pending = len(self.choices)
-            while pending:
-                _, event = await self.next()
-                pending -= event.finish_reason is not None
+            async for _ in events:
+                pass
             for job in self.jobs:
                 job.done = True
         finally:
+            await events.aclose()
             watcher.cancel()
             self.cancel()
         self._finished()
@@ -115,34 +182,48 @@ class Run:
 
     # ---- streamed response ----------------------------------------------------------------------
     async def stream(self) -> AsyncIterator[bytes]:
-        """SSE chunks; the jobs are submitted before the first chunk, so a full queue is a 429."""
+        """SSE chunks; the input shields run and the jobs are submitted before the first chunk,
+        so a full queue is a 429."""
+        if await self.screen():
+            return self._refusal_sse()
         self.submit()
         return self._sse()
 
+    async def _refusal_sse(self) -> AsyncIterator[bytes]:
+        chunks = self.opening() + [b for c in self.choices for b in self.refusal(c)]
+        yield b"".join(chunks + self.closing()) + b"data: [DONE]\n\n"
+
     async def _sse(self) -> AsyncIterator[bytes]:
         ready = self.opening()  # chunks not written yet: the events queued so far go in one write
+        events = self.released()
         try:
-            pending = len(self.choices)
-            while pending:
+            while True:
                 if ready and self.jobs[0].events.empty():
                     yield b"".join(ready)
                     ready = []
                 try:
-                    c, event = await self.next()
+                    c, event = await anext(events)
+                except StopAsyncIteration:
+                    break
                 except APIError as e:
                     yield b"".join(ready) + sse(e.body())
                     return
-                ready += self.deltas(c, event)
-                pending -= event.finish_reason is not None
+                ready += self.refusal(c) if event is None else self.deltas(c, event)
             self._finished()
             yield b"".join(ready + self.closing()) + b"data: [DONE]\n\n"
         finally:
+            await events.aclose()
             self.cancel()
 
     def opening(self) -> list[bytes]:
         return []
 
     def deltas(self, c: Choice, event: Event) -> list[bytes]:
+        raise NotImplementedError
+
+    def refusal(self, c: Choice) -> list[bytes]:
+        """The chunks ending a choice a shield stopped: its refusal, finish_reason
+        "content_filter" and the violation."""
         raise NotImplementedError
 
     def closing(self) -> list[bytes]:

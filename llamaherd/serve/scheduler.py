@@ -94,6 +94,7 @@ class Scheduler:
         self._cv = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._cancelled: list[Job] = []
+        self._stopped: list[Sequence] = []  # single sequences to stop (see stop_sequence)
         self._owner: dict[int, Job] = {}  # sequence id -> job
         self._expected = 0  # requests announced by expect() and not submitted yet
         self._last_arrival = 0.0  # perf_counter of the last expect() or submit()
@@ -155,6 +156,14 @@ class Scheduler:
             self._cancelled.append(job)
             self._cv.notify()
 
+    def stop_sequence(self, seq: Sequence) -> None:
+        """Stop one sequence of a job (an output shield flagged its answer) while the job's
+        others go on: its row is freed and its last event, finish_reason "cancelled", is handed
+        over as usual (unless it finished first)."""
+        with self._cv:
+            self._stopped.append(seq)
+            self._cv.notify()
+
     def _report(self, tokens: int, cached: int = 0) -> None:
         if self.report is not None:
             with self._cv:  # one report at a time, so the last one written is the latest state
@@ -166,7 +175,7 @@ class Scheduler:
             torch.set_num_threads(self.threads)
         while True:
             with self._cv:
-                while not (self._stopping or self._waiting or self._cancelled
+                while not (self._stopping or self._waiting or self._cancelled or self._stopped
                            or not self.engine.idle):
                     self._cv.wait()
                 starting = self.engine.idle and bool(self._waiting)
@@ -178,12 +187,14 @@ class Scheduler:
                 if self._stopping:
                     return
                 cancelled, self._cancelled = self._cancelled, []
+                stopped, self._stopped = self._stopped, []
                 admitted = self._admit()
             for job in cancelled:
                 self._drop(job)
                 self._post([(job, JobCancelled())])
+            self._stop(stopped)
             cached = sum(self._add(job) for job in admitted)
-            if cancelled or admitted:
+            if cancelled or stopped or admitted:
                 self._report(0, cached)
             if self.engine.idle:
                 continue
@@ -247,6 +258,19 @@ class Scheduler:
         for s in seqs:
             self._owner[s.id] = job
         return cached
+
+    def _stop(self, seqs: list[Sequence]) -> None:
+        """Cancel single sequences still running and hand over their last events."""
+        batch: list[tuple[Job, Event | Exception]] = []
+        for seq in seqs:
+            job = self._owner.pop(seq.id, None)
+            if job is None or seq.finished:
+                continue
+            event = self.engine.cancel(seq)
+            if event is not None:
+                batch.append((job, event))
+        if batch:
+            self._post(batch)
 
     def _drop(self, job: Job) -> None:
         for s in job.seqs:

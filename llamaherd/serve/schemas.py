@@ -251,3 +251,26 @@ class TokenizeRequest(_Strict):
 class DetokenizeRequest(_Strict):
     model: str | None = None
     tokens: list[int]
+
+
+MAX_MODERATION_INPUTS = 32
+
+
+class ModerationRequest(_Strict):
+    """OpenAI's POST /v1/moderations: a text or a list of texts; `model` names a Llama Guard
+    shield (default: the input shield, else the output shield)."""
+
+    input: str | Annotated[list[str], Field(min_length=1, max_length=MAX_MODERATION_INPUTS)]
+    model: str | None = None
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class RunShieldRequest(_Strict):
+    """Llama Stack's POST /v1/safety/run-shield: a conversation whose last message the shield
+    judges (`params`, which older clients send, is accepted and unused)."""
+
+    shield_id: str
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    params: dict[str, Any] | None = None

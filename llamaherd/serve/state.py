@@ -1,4 +1,5 @@
-"""What every endpoint shares: the model, its scheduler, grammar compiler, metrics and limits."""
+"""What every endpoint shares: the model, its scheduler, grammar compiler, metrics, limits and
+shields."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from llamaherd.generation.constraints import Guidance
 from llamaherd.generation.sequence import Event
 from llamaherd.serve.errors import APIError, QueueFullError
 from llamaherd.serve.metrics import Metrics
-from llamaherd.serve.middleware import ANNOUNCED
+from llamaherd.serve.middleware import claim_announcement
 from llamaherd.serve.openai_format import TokenText
 from llamaherd.serve.scheduler import Job, JobCancelled, QueueFull, Scheduler
+from llamaherd.serve.shields import Shields
 from llamaherd.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ class ServerState:
     token_text: TokenText
     chat: ChatFormat
     created: int = 0
+    shields: Shields | None = None
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @property
@@ -51,12 +54,8 @@ class ServerState:
     def submit(self, job: Job) -> Job:
         """Queue a job with the scheduler, counting off its request's announcement (see
         serve/middleware.py); a full queue is a 429."""
-        announced = ANNOUNCED.get()
-        first = announced is not None and not announced[0]
-        if first:
-            announced[0] = True  # type: ignore[index]
         try:
-            self.scheduler.submit(job, expected=first)
+            self.scheduler.submit(job, expected=claim_announcement())
         except QueueFull as e:
             raise QueueFullError(self.scheduler.max_queue) from e
         except ValueError as e:
@@ -70,9 +69,12 @@ def ends_on_stop_token(event: Event) -> bool:
     return event.finish_reason == "stop" and isinstance(event.seq.stop_reason, int)
 
 
-async def next_event(job: Job) -> Event:
-    """The job's next engine event; an engine-side failure becomes an APIError."""
-    item = await job.events.get()
+def as_event(job: Job, item: Any) -> Event:
+    """An item of the job's event queue as an Event; an engine-side failure (or a shield's)
+    becomes an APIError."""
+    if isinstance(item, APIError):
+        job.done = True
+        raise item
     if isinstance(item, Exception):
         job.done = True
         if isinstance(item, JobCancelled):
