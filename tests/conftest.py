@@ -92,3 +92,18 @@ def sampler_gguf(tmp_path_factory: pytest.TempPathFactory, default_model_path: P
     model = make_tiny_model(TINY.replace(vocab_size=49152, max_seq_len=512), logit_scale=8.0)
     path = tmp_path_factory.mktemp("sampler") / "sampler.gguf"
     return write_gguf(model, path, source=read_gguf(default_model_path))
+
+
+@pytest.fixture(scope="session")
+def tiny_guard(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Path:
+    """A tiny Llama Guard (a model directory): a random tiny chat model with the default model's
+    vocabulary, trained for a few seconds on Llama Guard 3 prompts to answer `unsafe\\nS9` when
+    the judged message holds "bomb" (tests.support.guard.TRIGGER), `safe` otherwise."""
+    from llamaherd.checkpoint.gguf import read_gguf
+    from llamaherd.checkpoint.gguf_write import write_gguf
+    from tests.support.guard import train_tiny_guard
+
+    root = tmp_path_factory.mktemp("tiny-guard")
+    model = make_tiny_model(TINY.replace(vocab_size=49152, max_seq_len=1024, tie_embeddings=True))
+    base = write_gguf(model, root / "base.gguf", source=read_gguf(default_model_path))
+    return train_tiny_guard(base, root / "tiny-guard")
