@@ -107,3 +107,12 @@ def tiny_guard(tmp_path_factory: pytest.TempPathFactory, default_model_path: Pat
     model = make_tiny_model(TINY.replace(vocab_size=49152, max_seq_len=1024, tie_embeddings=True))
     base = write_gguf(model, root / "base.gguf", source=read_gguf(default_model_path))
     return train_tiny_guard(base, root / "tiny-guard")
+
+
+@pytest.fixture(scope="session")
+def tiny_prompt_guard(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Prompt Guard classifier directory (tests.support.guard): it flags "ignore
+    your instructions" (jailbreak) and not "tell me a story"."""
+    from tests.support.guard import write_tiny_prompt_guard
+
+    return write_tiny_prompt_guard(tmp_path_factory.mktemp("prompt-guard") / "tiny-prompt-guard")

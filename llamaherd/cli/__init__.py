@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from llamaherd.cli.generate import generate, run
+from llamaherd.cli.guard import guard
 from llamaherd.cli.models import convert, dataset, info, list_models, pull, tokenize
 from llamaherd.cli.serve import serve
 from llamaherd.cli.train import sample_best, score, train
@@ -26,6 +27,7 @@ COMMANDS: list[click.Command] = [
     train,        # post-training: train sft | reward | dpo | distill | grpo | ppo | rounds
     score,        # rewards of conversations under a reward model
     sample_best,  # rejection sampling: k answers a prompt, the best kept
+    guard,        # Llama Guard's (or Prompt Guard's) verdict on texts and answers
     pull,         # fetch a registered model into the cache
     list_models,  # registered names
     info,         # architecture, parameters, tensor types, template

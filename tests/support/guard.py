@@ -1,5 +1,6 @@
-"""A tiny Llama Guard for tests: a random tiny chat model trained in seconds on Llama Guard 3
-prompts to answer `unsafe\\nS9` when the judged message holds the trigger word, `safe` otherwise."""
+"""Tiny guards for tests: a Llama Guard (a random tiny chat model trained in seconds on Llama
+Guard 3 prompts to answer `unsafe\\nS9` when the judged message holds the trigger word, `safe`
+otherwise) and a random Prompt Guard classifier."""
 
 from __future__ import annotations
 
@@ -66,3 +67,29 @@ def train_tiny_guard(base: Path, out: Path, steps: int = 150) -> Path:
                                    threads=1, seed=0)
     finally:
         torch.set_num_threads(threads)  # the recipe sets the process's count
+
+
+def write_tiny_prompt_guard(path: Path) -> Path:
+    """A tiny random Prompt Guard: a Llama classifier with a 3-way score head (benign, injection,
+    jailbreak) and the Llama 2 vocabulary, as a Hugging Face directory load_prompt_guard reads.
+    Its head is scaled up so that its verdicts are confident: which texts it flags is arbitrary,
+    but fixed (tests ask it first, then check that a server or command agrees)."""
+    import torch
+
+    from llamaherd.checkpoint.hf import save_hf
+    from llamaherd.tokenizer import load as load_tokenizer
+    from llamaherd.tokenizer.save import save_pretrained
+    from llamaherd.train.reward_model import add_score_head
+    from tests.support import FIXTURES
+    from tests.support.models import TINY, make_tiny_model
+
+    tokenizer = load_tokenizer(FIXTURES / "ggml-vocab-llama-spm.gguf")
+    model = make_tiny_model(TINY.replace(vocab_size=32000))
+    head = add_score_head(model, outputs=3, seed=1)
+    with torch.no_grad():
+        head.weight.mul_(20)
+    path.mkdir(parents=True, exist_ok=True)
+    save_hf(model.state_dict(), model.args, path)
+    save_pretrained(tokenizer, path)
+    return path
+
