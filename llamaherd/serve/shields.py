@@ -336,7 +336,7 @@ class Shields:
         if self.every < 1:
             raise ValueError(f"the output shield's interval must be >= 1 token, not {self.every}")
         for stage, shield in (("input", self.input), ("output", self.output),
-                              ("prompt", self.prompt)):
+                              ("input", self.prompt)):
             if shield is not None and stage not in shield.stages:
                 shield.stages.append(stage)
         ids = [s.identifier for s in self.all()]
