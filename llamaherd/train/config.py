@@ -75,6 +75,7 @@ class TrainConfig:
     kl_coef: float = 0.01  # online: KL(policy || reference) weight (Llama 2: 0.01 at 7B/13B)
     value_coef: float = 0.1  # PPO: the value loss's weight
     gae_lambda: float = 0.95  # PPO: GAE's lambda (gamma is 1)
+    labels: tuple[str, ...] = ("benign", "injection", "jailbreak")  # classify: the class names
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -105,6 +106,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.verifier is not None and self.reward_model is not None:
             raise ValueError("give a verifier or a reward model, not both")
+        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must name two or more distinct classes, got "
+                             f"{list(self.labels)}")
         if self.lora:
             self.lora_config()  # checks rank, dropout, targets
 
@@ -147,6 +151,7 @@ class TrainConfig:
             raise ValueError(f"unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
         if "betas" in values:
             values["betas"] = tuple(values["betas"])
-        if "lora_targets" in values:
-            values["lora_targets"] = tuple(values["lora_targets"])
+        for name in ("lora_targets", "labels"):
+            if name in values:
+                values[name] = tuple(values[name])
         return cls(**values)

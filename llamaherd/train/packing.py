@@ -1,14 +1,15 @@
 """Packing examples into rows: no padding between them, and nothing shared across them, except
-on request a prefix they all start with.
+on request the prefix they start with.
 
 Each example keeps its own positions (restarting at 0) and its own document id, and the model's
 attention never crosses documents (Transformer.forward's `documents`), so a packed row computes
 what each example computes alone. Rows are padded at the end only, to the longest row of a batch.
 
-With `share_prefix`, the untrained tokens every example of the batch starts with (a long system
-prompt, a classifier's instructions) are computed once per row: each row begins with them as
-document SHARED, which every example's tokens may attend to, and each example continues at the
-positions after them. The losses are those of packing each example whole.
+With `share_prefix`, examples that start alike (the same long system prompt, a classifier's
+instructions) are packed together and the untrained tokens they have in common computed once per
+row: each row begins with them as document SHARED, which every example's tokens may attend to,
+and each example continues at the positions after them. The losses are those of packing each
+example whole.
 """
 
 from __future__ import annotations
@@ -59,16 +60,51 @@ def groups_of(sizes: Sequence[int], limit: int) -> list[range]:
     return groups
 
 
+def common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two sequences have in common."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def shareable(e: Example) -> int:
+    """The most leading tokens of an example that a shared prefix may hold: none whose next
+    token is trained, and at least one token left to the example."""
+    trained = next((t for t, on in enumerate(e.labels[1:], 1) if on), len(e))
+    return min(len(e) - 1, trained - 1)
+
+
 def shared_prefix(examples: Sequence[Example]) -> int:
-    """How many leading tokens every example has in common and can share: none of those tokens'
-    next tokens is trained, and each example keeps at least one token of its own."""
-    first = examples[0].tokens
-    n = min(len(e) for e in examples) - 1
-    for e in examples:
-        trained = next((t for t, on in enumerate(e.labels[1:], 1) if on), len(e))
-        same = next((i for i, (a, b) in enumerate(zip(e.tokens, first)) if a != b), n)
-        n = min(n, trained - 1, same)
-    return max(n, 0)
+    """How many leading tokens every example has in common and can share."""
+    return max(0, min(min(shareable(e), common_length(e.tokens, examples[0].tokens))
+                      for e in examples))
+
+
+def prefix_groups(examples: Sequence[Example]) -> list[list[int]]:
+    """The examples' indices in groups that share a prefix, chosen to compute the fewest tokens:
+    sorted by their tokens, the sorted list cut into runs so that the tokens of the runs' examples
+    less their prefixes shared once a run is smallest (instructions that differ in one word near
+    the start make two groups, each sharing a long prefix of its own)."""
+    order = sorted(range(len(examples)), key=lambda i: examples[i].tokens)
+    ex = [examples[i] for i in order]
+    n = len(ex)
+    caps = [shareable(e) for e in ex]
+    # in sorted order, what a run shares with its first example is the least of its neighbours'
+    adjacent = [common_length(a.tokens, b.tokens) for a, b in zip(ex, ex[1:])]
+    best = [0] + [-1] * n  # best[j]: the fewest tokens computed for the first j examples
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        tokens, shared = 0, caps[j - 1]
+        for i in range(j - 1, -1, -1):  # the last run is ex[i:j]
+            tokens += len(ex[i])
+            shared = min(shared, caps[i], adjacent[i] if i < j - 1 else shared)
+            cost = best[i] + tokens - (j - i - 1) * max(shared, 0)
+            if best[j] < 0 or cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups: list[list[int]] = []
+    j = n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
 
 
 def rows_of(sizes: Sequence[int], max_len: int, where: Sequence[str]) -> list[list[int]]:
@@ -92,20 +128,24 @@ def rows_of(sizes: Sequence[int], max_len: int, where: Sequence[str]) -> list[li
 
 def pack(examples: Sequence[Example], max_len: int, share_prefix: bool = False) -> Batch:
     """One batch of the examples packed into rows of at most max_len tokens; with share_prefix,
-    their common untrained prefix once at the start of each row."""
-    p = shared_prefix(examples) if share_prefix and len(examples) > 1 else 0
-    prefix = torch.tensor(examples[0].tokens[:p], dtype=torch.long)
-    rows = rows_of([len(e) - p for e in examples], max_len - p, [e.where for e in examples])
-    width = p + max(sum(len(examples[i]) - p for i in row) for row in rows)
+    examples that start alike packed together, their common untrained prefix once a row."""
+    groups = prefix_groups(examples) if share_prefix else [list(range(len(examples)))]
+    rows: list[tuple[int, list[int]]] = []  # (shared prefix length, example indices)
+    for group in groups:
+        p = shared_prefix([examples[i] for i in group]) if len(group) > 1 and share_prefix else 0
+        for row in rows_of([len(examples[i]) - p for i in group], max_len - p,
+                           [examples[i].where for i in group]):
+            rows.append((p, [group[j] for j in row]))
+    width = max(p + sum(len(examples[i]) - p for i in row) for p, row in rows)
     tokens = torch.zeros(len(rows), width, dtype=torch.long)
     positions = torch.zeros(len(rows), width, dtype=torch.long)
     documents = torch.full((len(rows), width), -1, dtype=torch.long)
     targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     sequences = torch.full((len(rows), width), -1, dtype=torch.long)
-    tokens[:, :p] = prefix
-    positions[:, :p] = torch.arange(p)
-    documents[:, :p] = SHARED
-    for r, row in enumerate(rows):
+    for r, (p, row) in enumerate(rows):
+        tokens[r, :p] = torch.tensor(examples[row[0]].tokens[:p], dtype=torch.long)
+        positions[r, :p] = torch.arange(p)
+        documents[r, :p] = SHARED
         at = p
         for d, i in enumerate(row):
             ex = examples[i]

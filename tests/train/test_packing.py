@@ -59,23 +59,24 @@ def test_a_shared_prefix_is_the_untrained_start_every_example_has() -> None:
 
 
 def test_a_shared_prefix_packs_once_a_row_and_every_example_continues_it() -> None:
-    a, b = example([1, 2, 3, 10, 11], 4), example([1, 2, 3, 20, 21, 22], 5)
-    batch = pack([a, b], max_len=16, share_prefix=True)
-    assert batch.tokens.tolist() == [[1, 2, 3, 10, 11, 20, 21, 22]]
-    assert batch.positions.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5]]
-    assert batch.documents.tolist() == [[SHARED] * 3 + [0, 0, 1, 1, 1]]
-    assert batch.sequences.tolist() == [[-1, -1, -1, 0, 0, 1, 1, 1]]
-    assert batch.targets.tolist() == [[IGNORE, IGNORE, IGNORE, 11, IGNORE, IGNORE, 22, IGNORE]]
+    head = list(range(1, 17))  # 16 tokens: enough to be worth sharing
+    a, b = example(head + [30, 31], 17), example(head + [40, 41, 42], 18)
+    batch = pack([a, b], max_len=32, share_prefix=True)
+    assert batch.tokens.tolist() == [head + [30, 31, 40, 41, 42]]
+    assert batch.positions.tolist() == [list(range(16)) + [16, 17, 16, 17, 18]]
+    assert batch.documents.tolist() == [[SHARED] * 16 + [0, 0, 1, 1, 1]]
+    assert batch.sequences.tolist() == [[-1] * 16 + [0, 0, 1, 1, 1]]
+    assert batch.targets.tolist() == [[IGNORE] * 16 + [31, IGNORE, IGNORE, 42, IGNORE]]
 
 
 def test_sharing_a_prefix_leaves_logits_and_the_loss_as_packing_whole_examples() -> None:
     model = make_tiny_model(TINY)
     g = torch.Generator().manual_seed(1)
-    head = torch.randint(0, TINY.vocab_size, (9,), generator=g).tolist()
+    head = torch.randint(0, TINY.vocab_size, (20,), generator=g).tolist()
     examples = [example(head + torch.randint(0, TINY.vocab_size, (n,), generator=g).tolist(),
-                        9 + n - 2) for n in (4, 7, 3, 6, 5)]
-    shared = pack(examples, max_len=24, share_prefix=True)
-    whole = pack(examples, max_len=24)
+                        20 + n - 2) for n in (4, 7, 3, 6, 5)]
+    shared = pack(examples, max_len=40, share_prefix=True)
+    whole = pack(examples, max_len=40)
     assert shared.tokens.shape[0] < whole.tokens.shape[0] and shared.n_targets == whole.n_targets
     with torch.no_grad():
         torch.testing.assert_close(sft_loss(model, shared), sft_loss(model, whole),
@@ -86,5 +87,19 @@ def test_sharing_a_prefix_leaves_logits_and_the_loss_as_packing_whole_examples()
                 if i < 0:
                     continue
                 cols = (shared.sequences[r] == i).nonzero()[:, 0]
-                alone = model(torch.tensor([examples[i].tokens]))[0, 9:]
+                alone = model(torch.tensor([examples[i].tokens]))[0, 20:]
                 torch.testing.assert_close(logits[r, cols], alone, atol=2e-5, rtol=1e-5)
+
+
+def test_examples_that_start_alike_share_a_prefix_of_their_own() -> None:
+    user = [5] * 20 + [1, 1, 1]
+    agent = [5] * 3 + [6] * 17 + [2, 2, 2]
+    examples = [example(user + [10, 11], 23), example(agent + [20, 21], 23),
+                example(user + [12, 13], 23), example(agent + [22, 23], 23)]
+    batch = pack(examples, max_len=64, share_prefix=True)
+    assert batch.tokens.shape[0] == 2  # one row a group
+    for r in range(2):
+        p = int((batch.documents[r] == SHARED).sum())
+        assert p == 22  # its group's 23 shared tokens but the last (which predicts a target),
+        # not the 3 all four share
+        assert sorted(set(batch.sequences[r].tolist()) - {-1}) in ([0, 2], [1, 3])

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llamaherd.train.config import TrainConfig
+from llamaherd.train.recipes.classify import classify
 from llamaherd.train.recipes.distill import distill
 from llamaherd.train.recipes.dpo import dpo
 from llamaherd.train.recipes.online import grpo, ppo
@@ -13,4 +14,5 @@ from llamaherd.train.recipes.reward import reward
 from llamaherd.train.recipes.sft import sft
 
 RECIPES: dict[str, Callable[[TrainConfig], Path]] = {"sft": sft, "reward": reward, "dpo": dpo,
-                                                 "distill": distill, "grpo": grpo, "ppo": ppo}
+                                                 "distill": distill, "grpo": grpo, "ppo": ppo,
+                                                 "classify": classify}
