@@ -70,6 +70,9 @@ def serve(model: str, host: str, port: int, max_seqs: int, max_queue: int, ctx_s
                      threads=threads, prefix_cache=prefix_cache,
                      stream_interval=stream_interval, shields=shields)
     click.echo(f"serving {model_id} on http://{host}:{port}/  (OpenAI API at /v1)", err=True)
+    if shields is not None:
+        names = ", ".join(f"{s.identifier} ({'/'.join(s.stages)})" for s in shields.all())
+        click.echo(f"shields: {names}", err=True)
     # uvicorn takes uvloop and httptools (dependencies) where installed: cheaper per token than
     # its pure-Python defaults (asyncio, h11), for an event loop that shares the cores with the
     # model's threads (docs/performance.md)

@@ -38,15 +38,16 @@ class CompletionRun(Run):
         events: asyncio.Queue[Event | Exception] = asyncio.Queue()
         jobs, texts = [], []
         for p in prompts:
-            texts.append(p if isinstance(p, str) else state.tokenizer.decode(p))
             ids = completion_prompt_ids(state.tokenizer, p, state.vocab)
+            if state.shields is not None:  # token ids are judged as their text
+                texts.append(p if isinstance(p, str) else state.tokenizer.decode(ids))
             budget = output_budget(len(ids), req.max_tokens, state.context)
             params = sampling_params(req, budget, req.logprobs, state.vocab)
             params.n = req.n
             jobs.append(Job(ids, [params], events=events))
         # the shields judge each prompt as a user message; one flagged refuses the request
         conversations = [[{"role": "user", "content": t}] for t in texts]
-        super().__init__(state, jobs, req.n, conversations=conversations)
+        super().__init__(state, jobs, req.n, conversations=conversations or None)
         self.id, self.created = new_id("cmpl"), now()
 
     def response(self) -> dict[str, Any]:

@@ -18,10 +18,11 @@ input shields of a burst of requests, the output checks of every running answer,
 A Prompt Guard classifier does not generate: ClassifierQueue runs it on a thread of its own,
 each batch taking every text submitted while the previous one ran.
 
-A request's shield jobs take part in the burst announcements of serve/middleware.py: the first
-job a request submits counts its announcement off (claim_announcement), whichever the scheduler;
-on a guard's own scheduler the served model's scheduler is told at once (expect(-1)), so that it
-does not wait for a request that is still being judged.
+A request's shield checks take part in the burst announcements of serve/middleware.py: the
+first job a request submits counts its announcement off (claim_announcement), whichever the
+scheduler; a check on a guard's own scheduler (or Prompt Guard's thread) tells the served
+model's scheduler at once (expect(-1)), so that it does not wait for a request still being
+judged.
 """
 
 from __future__ import annotations
@@ -281,6 +282,7 @@ class PromptGuardShield(Shield):
         super().__init__(identifier, model)
         self.guard = guard
         self.queue: ClassifierQueue | None = None
+        self.served: Scheduler | None = None  # the served model's scheduler
 
     def params(self) -> dict[str, Any]:
         return {"jailbreak_threshold": self.guard.jailbreak_threshold,
@@ -288,6 +290,8 @@ class PromptGuardShield(Shield):
 
     async def verdicts(self, texts: list[str], stage: str) -> list[PromptVerdict]:
         assert self.queue is not None, "shield not attached"
+        if claim_announcement() and self.served is not None:
+            self.served.expect(-1)  # the request is being judged here, not generated yet
         try:
             verdicts = await self.queue.check_many(texts)
         except ValueError as e:
@@ -377,7 +381,7 @@ class Shields:
                 shield.attach(by_model[key], served, metrics)
             elif isinstance(shield, PromptGuardShield):
                 shield.queue = ClassifierQueue(shield.guard, loop, threads)
-                shield.metrics = metrics
+                shield.served, shield.metrics = served, metrics
                 workers.append(shield.queue)
         return workers
 
