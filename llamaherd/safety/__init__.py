@@ -6,8 +6,12 @@ of llamaherd's own built from labelled data in PyPI packages.
     prompt_guard.py jailbreak and injection scores of a 3-way classifier over a text's windows
 """
 
-from llamaherd.safety.categories import (CATEGORIES, LLAMA_GUARD_REFUSAL, PROMPT_GUARD_REFUSAL,
-                                         openai_categories)
+from llamaherd.safety.categories import (
+                                         CATEGORIES,
+                                         LLAMA_GUARD_REFUSAL,
+                                         PROMPT_GUARD_REFUSAL,
+                                         openai_categories,
+)
 from llamaherd.safety.llama_guard import GuardAnswerError, LlamaGuard, Verdict, parse, render
 from llamaherd.safety.prompt_guard import PromptGuard, PromptVerdict, load_prompt_guard
 

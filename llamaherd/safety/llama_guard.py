@@ -26,8 +26,7 @@ import torch
 from llamaherd.chat import ChatFormat, build_prompt, chat_format
 from llamaherd.chat.messages import Message, as_messages
 from llamaherd.generation.sampling import SamplingParams
-from llamaherd.safety.categories import (CATEGORIES, LLAMA_GUARD_3_1B, LLAMA_GUARD_3_8B,
-                                         check_codes)
+from llamaherd.safety.categories import CATEGORIES, LLAMA_GUARD_3_1B, LLAMA_GUARD_3_8B, check_codes
 
 if TYPE_CHECKING:
     from llamaherd.api import LLM
@@ -96,7 +95,8 @@ def render(conversation: Conversation, categories: Sequence[str] = LLAMA_GUARD_3
     prompt, `Agent` when it is an answer; excluded categories left out of the list."""
     messages = as_conversation(conversation)
     names = {**ROLE_NAMES, "assistant": agent_name, "tool": agent_name, "ipython": agent_name}
-    listed = [c for c in check_codes(list(categories)) if c not in set(check_codes(excluded))]
+    skip = set(check_codes(list(excluded), "excluded categories"))
+    listed = [c for c in check_codes(list(categories)) if c not in skip]
     return PROMPT.format(
         role=names[messages[-1].role],
         categories="\n".join(f"{c}: {CATEGORIES[c].name}." for c in listed),

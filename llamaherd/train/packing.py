@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -88,7 +89,7 @@ def prefix_groups(examples: Sequence[Example]) -> list[list[int]]:
     n = len(ex)
     caps = [shareable(e) for e in ex]
     # in sorted order, what a run shares with its first example is the least of its neighbours'
-    adjacent = [common_length(a.tokens, b.tokens) for a, b in zip(ex, ex[1:])]
+    adjacent = [common_length(a.tokens, b.tokens) for a, b in pairwise(ex)]
     best = [0] + [-1] * n  # best[j]: the fewest tokens computed for the first j examples
     cut = [0] * (n + 1)
     for j in range(1, n + 1):

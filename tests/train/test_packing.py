@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from llamaherd.train.data import Example
 from llamaherd.model import SHARED
+from llamaherd.train.data import Example
 from llamaherd.train.losses import sft_loss
 from llamaherd.train.packing import IGNORE, pack, rows_of, shared_prefix
 from tests.support.models import TINY, make_tiny_model
