@@ -116,6 +116,11 @@ def evaluate_prompt_guard(guard: PromptGuard, items: Sequence[data.PromptItem]
     return report
 
 
+def judged_items(items: list[Any], judge: int | None, seed: int) -> list[Any]:
+    """The held-out items to judge: all, or `judge` of them drawn at random."""
+    return items if judge is None else random.Random(seed).sample(items, min(judge, len(items)))
+
+
 def _train(recipe: str, rows: Sequence[dict[str, Any]], val: Sequence[dict[str, Any]],
            work: Path, base: str, settings: dict[str, Any]) -> Path:
     from llamaherd.train import TrainConfig
@@ -132,9 +137,10 @@ def _train(recipe: str, rows: Sequence[dict[str, Any]], val: Sequence[dict[str, 
 
 
 def build_guard(out: str | Path, *, base: str = DEFAULT_MODEL, quiet: bool = False,
-                seed: int = 0, **training: Any) -> Path:
+                seed: int = 0, judge: int | None = None, **training: Any) -> Path:
     """Train llamaherd-guard into `out` (its GGUF, the training record, report.json); returns
-    the GGUF's path."""
+    the GGUF's path. `training` overrides GUARD_TRAINING; `judge` limits the held-out items
+    judged (a quick build), all by default."""
     from llamaherd.api import load
     from llamaherd.convert import convert
 
@@ -153,8 +159,9 @@ def build_guard(out: str | Path, *, base: str = DEFAULT_MODEL, quiet: bool = Fal
     log(quiet, f"llamaherd-guard: trained in {trained_s:.0f} s; judging the held-out split")
     guard = LlamaGuard(load(gguf), categories=LLAMA_GUARD_3_1B)
     evaluated = time.perf_counter()
-    report = evaluate_guard(guard, parts.test)
-    report.update(train_examples=len(train), test_examples=len(parts.test), base=base,
+    judged = judged_items(parts.test, judge, seed)
+    report = evaluate_guard(guard, judged)
+    report.update(train_examples=len(train), test_examples=len(judged), base=base,
                   train_s=trained_s, evaluate_s=time.perf_counter() - evaluated,
                   build_s=time.perf_counter() - started)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -163,9 +170,10 @@ def build_guard(out: str | Path, *, base: str = DEFAULT_MODEL, quiet: bool = Fal
 
 
 def build_prompt_guard(out: str | Path, *, base: str = DEFAULT_MODEL, quiet: bool = False,
-                       seed: int = 0, **training: Any) -> Path:
+                       seed: int = 0, judge: int | None = None, **training: Any) -> Path:
     """Train llamaherd-prompt-guard into `out` (the model directory, report.json); returns the
-    model directory."""
+    model directory. `training` overrides PROMPT_GUARD_TRAINING; `judge` limits the held-out
+    texts judged."""
     from llamaherd.safety.prompt_guard import load_prompt_guard
 
     out = Path(out)
@@ -186,8 +194,9 @@ def build_prompt_guard(out: str | Path, *, base: str = DEFAULT_MODEL, quiet: boo
     log(quiet, f"llamaherd-prompt-guard: trained in {trained_s:.0f} s; judging the held-out "
                "split")
     evaluated = time.perf_counter()
-    report = evaluate_prompt_guard(load_prompt_guard(model), parts.test)
-    report.update(train_examples=len(train), test_examples=len(parts.test), base=base,
+    judged = judged_items(parts.test, judge, seed)
+    report = evaluate_prompt_guard(load_prompt_guard(model), judged)
+    report.update(train_examples=len(train), test_examples=len(judged), base=base,
                   train_s=trained_s, evaluate_s=time.perf_counter() - evaluated,
                   build_s=time.perf_counter() - started)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
