@@ -14,6 +14,10 @@ here) is described in one place, llamaherd/serve/middleware.py. A client sends a
 requests one after another, so the count of announced requests can touch zero in the middle of
 one: when several jobs are already waiting, the engine also waits until no request has arrived
 for ARRIVAL_GAP.
+
+A shield's guard model, when it is not the served model, is driven by a Scheduler of its own (its
+own engine and thread; see serve/shields.py); an output shield stops one sequence of a request
+with stop_sequence.
 """
 
 from __future__ import annotations
