@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from llamaherd.generation.sampling import SamplingParams, sample_rows
+from llamaherd.generation.scoring import PromptLogprobs, prompt_logprobs
 from llamaherd.generation.sequence import Event, Sequence
 from llamaherd.runtime import FUSED_PREFILL_LEN, Runner
 from llamaherd.tokenizer import Tokenizer
@@ -189,6 +190,27 @@ class Engine:
             if seq in self._running:
                 self._running.remove(seq)
         return None if seq.finished else seq.cancel()
+
+    # ----- scoring prompts (echo) -----
+
+    def score(self, prompts: list[list[int]], top: int = 0) -> list[PromptLogprobs]:
+        """Every prompt token's log-probability given those before it, with the `top` most likely
+        tokens at each position (generation/scoring.py). It runs without the KV cache, which is
+        set aside meanwhile: the cache rows, the prefixes they hold and the running sequences
+        are left exactly as they were, so it can run between two steps."""
+        for p in prompts:
+            if not p:
+                raise ValueError("the prompt is empty")
+            if len(p) > self.max_len:
+                raise ContextWindowError(f"the prompt has {len(p)} tokens but the context window "
+                                         f"is {self.max_len} tokens")
+        saved = [layer.attention.cache for layer in self.model.layers]
+        self.model.drop_cache()
+        try:
+            return prompt_logprobs(self.model, prompts, top)
+        finally:
+            for layer, cache in zip(self.model.layers, saved):
+                layer.attention.cache = cache
 
     # ----- one step -----
 

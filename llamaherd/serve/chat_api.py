@@ -38,7 +38,7 @@ class ChatRun(Run):
     def __init__(self, state: ServerState, req: ChatCompletionRequest) -> None:
         state.check_model(req.model)
         if req.n > state.scheduler.max_seqs:
-            raise APIError(f"n is {req.n} but the server runs at most "
+            raise APIError(f"n: {req.n} but the server runs at most "
                            f"{state.scheduler.max_seqs} sequences", param="n")
         self.req = req
         prompt = chat_prompt_ids(state.chat, req)

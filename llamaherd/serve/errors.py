@@ -24,6 +24,16 @@ class APIError(Exception):
                           "code": self.code}}
 
 
+class FieldError(ValueError):
+    """Raised by a request schema's check (serve/schemas.py) that fails: `field` names the
+    offending field relative to the object checked ("" for the object itself), so that the 400
+    names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class QueueFullError(APIError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"the server is busy: {limit} requests are already waiting; retry later",
@@ -35,6 +45,10 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
+# pydantic's names for the members of a union, which appear in an error's location
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
     parts = [p for p in loc if p != "body"]
@@ -42,32 +56,52 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     for p in parts:
         if isinstance(p, int):
             out += f"[{p}]"
-        elif "[" in str(p) or "-" in str(p):  # pydantic's union tags, e.g. 'function-after[...]'
-            continue
+        elif "[" in str(p) or "-" in str(p) or p in _UNION_TAGS:  # union members, e.g.
+            continue  # 'list[int]', 'function-after[...]'
         else:
             out += f".{p}" if out else str(p)
     return out or None
 
 
+def _join(param: str | None, field: str) -> str | None:
+    """A field named relative to the object at `param`: ('messages[0]', 'content') ->
+    'messages[0].content'."""
+    if not field:
+        return param
+    if not param:
+        return field
+    return param + (field if field.startswith("[") else f".{field}")
+
+
+# errors about the body as a whole: not JSON, or JSON that is not an object
+_BODY_ERRORS = {"missing", "model_attributes_type", "model_type", "dict_type"}
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
-    """The first pydantic error as a one-line message naming the offending field."""
+    """The first pydantic error as a one-line message naming the offending field and the reason
+    (`param: reason`, the field also in `param`); a check across fields (schemas.FieldError)
+    names its field itself."""
     errors = exc.errors()
     if not errors:
         return APIError("invalid request")
     first = errors[0]
-    if first.get("type") == "json_invalid":
+    kind = first.get("type")
+    if kind == "json_invalid":
         return APIError(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
                         .rstrip(": "), code="invalid_json")
     param = _loc_to_param(tuple(first.get("loc", ())))
-    if param is None:  # the body as a whole: not JSON, or JSON that is not an object
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        param, msg = _join(param, cause.field), str(cause)
+    elif param is None and kind in _BODY_ERRORS:
         return APIError("the request body must be a JSON object (Content-Type: application/json)",
                         code="invalid_body")
-    msg = str(first.get("msg", "invalid value"))
-    msg = msg.removeprefix("Value error, ")
-    if first.get("type") == "missing":
+    else:
+        msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if kind == "missing":
         msg = "a required field is missing"
     return APIError(f"{param}: {msg}" if param else msg, param=param,
-                    code="missing_field" if first.get("type") == "missing" else "invalid_value")
+                    code="missing_field" if kind == "missing" else "invalid_value")
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -83,6 +117,9 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's: a body it could not decode (not UTF-8)
+            return error_response(APIError(f"the request body is not valid JSON in UTF-8 "
+                                           f"({exc.detail})", code="invalid_json"))
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(APIError(str(exc.detail), exc.status_code, type=kind))
 

@@ -91,7 +91,8 @@ class CountRequests:
     """Counts API requests by endpoint and status code in the server's metrics."""
 
     ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/moderations",
-                 "/v1/shields", "/v1/safety/run-shield", "/tokenize", "/detokenize")
+                 "/v1/shields", "/v1/safety/run-shield", "/tokenizer_info", "/tokenize",
+                 "/detokenize")
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

@@ -80,6 +80,31 @@ def completion_logprobs(text: TokenText, logprobs: list[TokenLogprob],
             "text_offset": offsets}
 
 
+def echo_logprobs(text: TokenText, ids: list[int], entries: list[TokenLogprob | None],
+                  skip: int = 0) -> dict[str, Any]:
+    """`choices[].logprobs` of an echoed prompt (a legacy text completion with echo): every
+    prompt token, its log-probability given those before it (the first one's null, as OpenAI's
+    was) and its top alternatives, and its offset in the echoed text. The first `skip` tokens
+    (a BOS the tokenizer put before a text prompt) are not part of that text: offset 0."""
+    decoder = text.tokenizer.stream_decoder(start_of_text=True)
+    tokens, values, tops, offsets = [], [], [], []
+    at = 0
+    for i, (token_id, lp) in enumerate(zip(ids, entries)):
+        tokens.append(text(token_id)[0])
+        values.append(None if lp is None else lp.logprob)
+        tops.append({text(t)[0]: v for t, v in lp.top} if lp is not None and lp.top else None)
+        offsets.append(at)
+        if i >= skip:  # a token finishing a character split across tokens brings all of it
+            at += len(decoder.push(token_id))
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def join_logprobs(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    """Two legacy `logprobs` objects as one (an echoed prompt's, then the answer's)."""
+    return {key: first[key] + then[key] for key in first}
+
+
 class ChatChunks:
     """Builds `chat.completion.chunk` events for one streamed request."""
 

@@ -31,17 +31,19 @@ def completion_prompt_ids(tokenizer: Tokenizer, prompt: str | list[int], vocab: 
     return list(prompt)
 
 
-def output_budget(prompt_len: int, requested: int | None, context: int) -> int:
-    """max_tokens for a prompt: as asked if it fits the context window, else an error."""
+def output_budget(prompt_len: int, requested: int | None, context: int,
+                  param: str = "messages") -> int:
+    """max_tokens for a prompt: as asked if it fits the context window, else an error (`param`:
+    the field holding the prompt)."""
     room = context - prompt_len
     if room < 1:
-        raise APIError(f"the prompt has {prompt_len} tokens but the context window is {context} "
-                       f"tokens; shorten the messages", param="messages",
-                       code="context_length_exceeded")
+        raise APIError(f"{param}: the prompt has {prompt_len} tokens but the context window is "
+                       f"{context} tokens (at least one must be left for the answer); shorten "
+                       f"the {param}", param=param, code="context_length_exceeded")
     if requested is None:
         return room
     if requested > room:
-        raise APIError(f"max_tokens is {requested} but only {room} tokens fit after the "
+        raise APIError(f"max_tokens: {requested} but only {room} tokens fit after the "
                        f"{prompt_len}-token prompt (context window {context})",
                        param="max_tokens", code="context_length_exceeded")
     return requested
@@ -52,10 +54,10 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, vocab
     top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
     bias = req.token_bias()
     if any(t >= vocab for t in bias):
-        raise APIError(f"logit_bias names a token id outside the vocabulary (size {vocab})",
+        raise APIError(f"logit_bias: names a token id outside the vocabulary (size {vocab})",
                        param="logit_bias")
     if req.min_tokens > max_tokens:
-        raise APIError(f"min_tokens is {req.min_tokens} but at most {max_tokens} tokens may be "
+        raise APIError(f"min_tokens: {req.min_tokens} but at most {max_tokens} tokens may be "
                        "generated", param="min_tokens")
     try:
         return SamplingParams(

@@ -111,6 +111,10 @@ async def safety_run_shield(body: RunShieldRequest, request: Request) -> dict[st
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+    """A prompt's token ids as vLLM's /tokenize gives them (lm-evaluation-harness's remote
+    tokenizer calls it): special-token text ("<|im_end|>") becomes the special token, as Hugging
+    Face tokenizers do, and add_special_tokens puts the BOS first where the model expects one;
+    or the ids of chat messages in the model's chat format."""
     s = server(request)
     if body.model is not None:
         s.check_model(body.model)
@@ -118,11 +122,31 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
         chat_req = ChatCompletionRequest.model_validate(
             {"model": s.model_id, "messages": [m.model_dump() for m in body.messages]})
         ids = chat_prompt_ids(s.chat, chat_req)
-    elif body.add_special_tokens:
-        ids = s.tokenizer.encode_prompt(body.prompt or "")
     else:
-        ids = s.tokenizer.encode(body.prompt or "")
+        tok = s.tokenizer
+        ids = tok.encode(body.prompt or "", bos=body.add_special_tokens and tok.add_bos,
+                         allow_special=True)
     return {"tokens": ids, "count": len(ids), "max_model_len": s.context}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request) -> dict[str, Any]:
+    """The served tokenizer's special tokens and chat template, as vLLM's /tokenizer_info
+    reports them (lm-evaluation-harness probes it, with /tokenize, before using the server's
+    tokenizer): a token is given as its text; null where the vocabulary has none."""
+    s = server(request)
+    tok = s.tokenizer
+
+    def text(token_id: int | None) -> str | None:
+        return None if token_id is None else tok.id_to_piece(token_id)
+
+    return {"tokenizer_class": type(tok).__name__, "vocab_size": tok.vocab_size,
+            "model_max_length": s.context, "add_bos_token": tok.add_bos,
+            "bos_token": text(tok.bos_id), "bos_token_id": tok.bos_id,
+            "eos_token": text(tok.eos_id), "eos_token_id": tok.eos_id,
+            "pad_token": text(tok.pad_id), "pad_token_id": tok.pad_id,
+            "unk_token": text(tok.unk_id), "unk_token_id": tok.unk_id,
+            "chat_template": tok.chat_template}
 
 
 @router.post("/detokenize")

@@ -41,9 +41,16 @@ class Run:
 
     Subclasses give the response shapes: `response` (the whole answer), and for a stream
     `opening` (chunks before any token), `deltas` (the chunks of one event), `refusal` (the
-    chunks of a choice a shield stopped) and `closing`. `conversations`: each job's prompt as
-    messages, for the shields.
+    chunks of a choice a shield stopped) and `closing`; and may do work of their own beside the
+    jobs: started in `submit`, awaited in `ready` (before any event is read), stopped in
+    `cancel`. `conversations`: each job's prompt as messages, for the shields. A run may have no
+    jobs at all (a text completion that only scores its prompts): its choices are then complete
+    once `ready` returns.
     """
+
+    # whether a stop token that ends a choice keeps its logprob entry (it has none in OpenAI's
+    # chat API; an echoed completion keeps one entry per token, see completions_api.py)
+    keep_stop_logprobs = False
 
     def __init__(self, state: ServerState, jobs: list[Job], n: int,
                  choices: list[Choice] | None = None,
@@ -67,6 +74,9 @@ class Run:
     def cancel(self) -> None:
         for job in self.jobs:
             self.state.scheduler.cancel(job)
+
+    async def ready(self) -> None:
+        """Wait for the work a subclass started in `submit` beside the jobs (nothing here)."""
 
     def _choice(self, event: Event) -> Choice:
         idx = self._index.get(event.seq.id)
@@ -101,7 +111,8 @@ class Run:
 
     def _watch(self) -> OutputWatch | None:
         shields = self.state.shields
-        if shields is None or shields.output is None or self.conversations is None:
+        if (shields is None or shields.output is None or self.conversations is None
+                or not self.jobs):
             return None
         conversations = self.conversations
         return OutputWatch(shields.output, lambda c: conversations[c.index // self.n],
@@ -113,7 +124,7 @@ class Run:
         once, or with an output shield once it has judged the answer up to them. A choice the
         shield stops ends with (choice, None), its violation set."""
         watch = self._watch()
-        pending = len(self.choices)
+        pending = len(self.choices) if self.jobs else 0
         try:
             while pending:
                 item = await self.jobs[0].events.get()  # every job shares the one queue
@@ -135,8 +146,13 @@ class Run:
             if watch is not None:
                 watch.close()
 
+    def has_logprob(self, event: Event) -> bool:
+        """Whether the event's token gets a logprob entry (see keep_stop_logprobs)."""
+        return event.logprob is not None and (self.keep_stop_logprobs
+                                               or not ends_on_stop_token(event))
+
     def _record(self, c: Choice, event: Event) -> None:
-        if event.logprob is not None and not ends_on_stop_token(event):
+        if self.has_logprob(event):
             c.logprobs.append(event.logprob)
         c.chars += sum(len(t) for t in c.text[-1:])
         c.text.append(event.text)
@@ -166,6 +182,7 @@ class Run:
         watcher = watch_disconnect(request, self.state, self.jobs)
         events = self.released()
         try:
+            await self.ready()
             async for _ in events:
                 pass
             for job in self.jobs:
@@ -194,11 +211,16 @@ class Run:
         yield b"".join(chunks + self.closing()) + b"data: [DONE]\n\n"
 
     async def _sse(self) -> AsyncIterator[bytes]:
-        ready = self.opening()  # chunks not written yet: the events queued so far go in one write
         events = self.released()
         try:
-            while True:
-                if ready and self.jobs[0].events.empty():
+            try:
+                await self.ready()
+            except APIError as e:
+                yield sse(e.body())
+                return
+            ready = self.opening()  # chunks not written yet: the events queued so far go in
+            while True:  # one write
+                if ready and (not self.jobs or self.jobs[0].events.empty()):
                     yield b"".join(ready)
                     ready = []
                 try:

@@ -15,6 +15,16 @@ requests one after another, so the count of announced requests can touch zero in
 one: when several jobs are already waiting, the engine also waits until no request has arrived
 for ARRIVAL_GAP.
 
+Prompt scoring (a text completion's `echo` with `logprobs`) is a ScoreJob: the engine thread runs
+every waiting one between two steps, all their prompts in one call of Engine.score (forward
+passes without the KV cache, prompts packed side by side; generation/scoring.py), so the
+running sequences pause for about one prefill and their cache rows are left untouched. Scoring
+could instead have been part of the engine's prefill (logits of every prompt position); but
+then no prompt prefix could come from the cache, and every prefill path (the fused step, the
+chunked one, prompts riding in a decode step) would have to keep them. Score jobs take part in
+the burst waits as generation jobs do, so that the prompts of requests arriving together are
+scored in one pass.
+
 A shield's guard model, when it is not the served model, is driven by a Scheduler of its own (its
 own engine and thread; see serve/shields.py); an output shield stops one sequence of a request
 with stop_sequence.
@@ -35,6 +45,7 @@ import torch
 
 from llamaherd.generation.engine import Engine
 from llamaherd.generation.sampling import SamplingParams
+from llamaherd.generation.scoring import PromptLogprobs
 from llamaherd.generation.sequence import Event, Sequence
 
 BURST_WAIT = 0.02  # seconds an idle engine waits for announced requests at most
@@ -75,6 +86,17 @@ class Job:
         return len(self.choices) if len(self.choices) > 1 else self.choices[0].n
 
 
+@dataclass
+class ScoreJob:
+    """Prompts whose every token's log-probability is wanted, with the `top` most likely tokens
+    at each position (Engine.score). `result` (a future of the caller's event loop) gets one
+    PromptLogprobs per prompt, or the exception that stopped them (a ValueError: bad input)."""
+
+    prompts: list[list[int]]
+    top: int
+    result: asyncio.Future[list[PromptLogprobs]]
+
+
 class Scheduler:
     """Owns an Engine and the thread that steps it."""
 
@@ -97,6 +119,7 @@ class Scheduler:
         self.report = report
         self._cv = threading.Condition()
         self._waiting: deque[Job] = deque()
+        self._scoring: list[ScoreJob] = []
         self._cancelled: list[Job] = []
         self._stopped: list[Sequence] = []  # single sequences to stop (see stop_sequence)
         self._owner: dict[int, Job] = {}  # sequence id -> job
@@ -146,6 +169,26 @@ class Scheduler:
         self._report(0)
         return job
 
+    def score(self, job: ScoreJob, expected: bool = False) -> ScoreJob:
+        """Queue a score job (expected: as for submit); raises QueueFull when `max_queue` score
+        jobs are already waiting."""
+        with self._cv:
+            if expected:
+                self._expected -= 1
+            if len(self._scoring) >= self.max_queue:
+                self._cv.notify()
+                raise QueueFull(self.max_queue)
+            self._scoring.append(job)
+            self._last_arrival = time.perf_counter()
+            self._cv.notify()
+        return job
+
+    def cancel_score(self, job: ScoreJob) -> None:
+        """Drop a score job not started yet (its client left); one already running finishes."""
+        with self._cv:
+            if job in self._scoring:
+                self._scoring.remove(job)
+
     def cancel(self, job: Job) -> None:
         """Stop a job (client gone): its sequences leave the batch and free their rows."""
         with self._cv:
@@ -180,9 +223,9 @@ class Scheduler:
         while True:
             with self._cv:
                 while not (self._stopping or self._waiting or self._cancelled or self._stopped
-                           or not self.engine.idle):
+                           or self._scoring or not self.engine.idle):
                     self._cv.wait()
-                starting = self.engine.idle and bool(self._waiting)
+                starting = self.engine.idle and bool(self._waiting or self._scoring)
             if starting:
                 self._catch_up()
             with self._cv:
@@ -192,7 +235,10 @@ class Scheduler:
                     return
                 cancelled, self._cancelled = self._cancelled, []
                 stopped, self._stopped = self._stopped, []
+                scoring, self._scoring = self._scoring, []
                 admitted = self._admit()
+            if scoring:
+                self._score(scoring)
             for job in cancelled:
                 self._drop(job)
                 self._post([(job, JobCancelled())])
@@ -234,6 +280,38 @@ class Scheduler:
             if (self._expected <= 0 and not burst) or left <= 0:
                 return
             self._cv.wait(left if self._expected > 0 else min(left, ARRIVAL_GAP - quiet))
+
+    def _score(self, jobs: list[ScoreJob]) -> None:
+        """Run score jobs together (one Engine.score call) and hand over their results."""
+        jobs = [j for j in jobs if not j.result.done()]  # a cancelled future: its client left
+        if not jobs:
+            return
+        try:
+            scores = self.engine.score([p for j in jobs for p in j.prompts],
+                                       max(j.top for j in jobs))
+        except Exception as e:  # noqa: BLE001 -- a failed score fails its jobs, not the server
+            if not isinstance(e, ValueError):
+                traceback.print_exc()
+            failure = e if isinstance(e, ValueError) else EngineFailure(f"{type(e).__name__}: {e}")
+            self._hand_over([(j, failure) for j in jobs])
+            return
+        results, start = [], 0
+        for j in jobs:
+            mine = scores[start:start + len(j.prompts)]
+            start += len(j.prompts)
+            if j.top < max(x.top for x in jobs):  # scored with more alternatives than asked
+                for entries in mine:
+                    for e in entries:
+                        if e is not None:
+                            e.top = e.top[:j.top]
+            results.append((j, mine))
+        self._hand_over(results)
+
+    def _hand_over(self, results: list[tuple[ScoreJob, Any]]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_set_results, results)
+        except RuntimeError:  # the loop is closed: shutting down
+            pass
 
     def _admit(self) -> list[Job]:
         """Waiting jobs that fit the free rows now, in arrival order (called under the lock)."""
@@ -313,6 +391,16 @@ class Scheduler:
                            or now - self._last_post >= self.stream_interval):
             batch, self._held, self._last_post = self._held, [], now
             self.loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _set_results(results: list[tuple[ScoreJob, Any]]) -> None:
+    for job, value in results:
+        if job.result.done():
+            continue
+        if isinstance(value, Exception):
+            job.result.set_exception(value)
+        else:
+            job.result.set_result(value)
 
 
 def _put_all(batch: list[tuple[Job, Event | Exception]]) -> None:

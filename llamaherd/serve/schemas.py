@@ -2,21 +2,61 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llamaherd import chat
+from llamaherd.serve.errors import FieldError
 
 MAX_N = 8  # choices per request
 MAX_STOP = 8  # stop strings per request
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300  # tokens a request may bias
+MAX_PROMPTS = 64  # prompts in one text-completion request (a list of texts or of token-id lists)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The path ("messages[0].content") of the first string (or key) in decoded JSON that holds
+    a lone UTF-16 surrogate (JSON's "\\ud800" escape unpaired): such a string is not text, and
+    would fail wherever it is encoded. None if there is none."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = str(key).encode("utf-8", "backslashreplace").decode()  # a key may be one
+            here = f"{path}.{name}" if path else name
+            if isinstance(key, str) and _SURROGATE.search(key):
+                return here
+            found = lone_surrogate(item, here)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = lone_surrogate(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 class _Strict(BaseModel):
     # Unknown fields are ignored (clients send vendor extras); known ones must have the right type.
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class _Body(_Strict):
+    """A request body: besides its fields' types, every string in it must be text."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        where = lone_surrogate(data) if isinstance(data, dict) else None
+        if where is not None:
+            raise FieldError(where, "holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                                    "escape), which is not valid Unicode text")
+        return data
 
 
 class TextPart(_Strict):
@@ -46,13 +86,13 @@ class ChatMessage(_Strict):
     def _check(self) -> ChatMessage:
         if self.role == "assistant":
             if self.content is None and not self.tool_calls:
-                raise ValueError("an assistant message needs content or tool_calls")
+                raise FieldError("content", "an assistant message needs content or tool_calls")
         elif self.content is None:
-            raise ValueError(f"a {self.role} message needs content")
+            raise FieldError("content", f"a {self.role} message needs content")
         if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a tool message needs tool_call_id")
+            raise FieldError("tool_call_id", "a tool message needs tool_call_id")
         if self.tool_calls and self.role != "assistant":
-            raise ValueError("only assistant messages carry tool_calls")
+            raise FieldError("tool_calls", "only assistant messages carry tool_calls")
         return self
 
     def text(self) -> str:
@@ -127,7 +167,7 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Sampling(_Strict):
+class _Sampling(_Body):
     """Fields shared by chat and text completions."""
 
     model: str
@@ -152,11 +192,11 @@ class _Sampling(_Strict):
     @model_validator(mode="after")
     def _check_common(self) -> _Sampling:
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise FieldError("stream_options", "only allowed when stream is true")
         if any(s == "" for s in self.stop_list()):
-            raise ValueError("stop strings must not be empty")
+            raise FieldError("stop", "stop strings must not be empty")
         if any(not (k.isascii() and k.isdigit()) for k in self.logit_bias or {}):
-            raise ValueError("logit_bias keys must be token ids (decimal integers)")
+            raise FieldError("logit_bias", "keys must be token ids (decimal integers)")
         return self
 
     def token_bias(self) -> dict[int, float]:
@@ -184,18 +224,19 @@ class ChatCompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise FieldError("top_logprobs", "requires logprobs to be true")
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) != len(names):
-            raise ValueError("tool names must be unique")
+            raise FieldError("tools", "tool names must be unique")
         choice = self.tool_choice
         if choice is not None and choice != "none" and not self.tools:
-            raise ValueError("tool_choice needs tools")
+            raise FieldError("tool_choice", "needs tools")
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise ValueError(f"tool_choice names an unknown function {choice.function.name!r}")
+            raise FieldError("tool_choice",
+                             f"names an unknown function {choice.function.name!r}")
         if self.tools and self.response_format is not None and \
                 self.response_format.type != "text" and choice not in (None, "none"):
-            raise ValueError("response_format json cannot be combined with tool calls")
+            raise FieldError("response_format", "json cannot be combined with tool calls")
         return self
 
     def token_limit(self) -> int | None:
@@ -214,17 +255,48 @@ class ChatCompletionRequest(_Sampling):
         return [t.to_tool() for t in self.tools or ()]
 
 
+PROMPT_FORMS = ("a string, a list of strings, a list of token ids or a list of lists of "
+                "token ids")
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        type(t) is int for t in value)
+
+
 class CompletionRequest(_Sampling):
+    """OpenAI's legacy text completion. `prompt`: a text, a list of token ids, or a batch (a
+    list of texts or of token-id lists), each prompt n choices. `echo`: each choice's text (and
+    with `logprobs` its log-probabilities) starts with its prompt's, the first prompt token's
+    log-probability null; with `max_tokens` 0 nothing is generated (the prompt is scored)."""
+
     prompt: (str | Annotated[list[int], Field(min_length=1)]
-             | Annotated[list[str], Field(min_length=1, max_length=MAX_N)])
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # the legacy API's default
+             | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+             | Annotated[list[list[int]], Field(min_length=1, max_length=MAX_PROMPTS)])
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16  # the legacy API's default
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: bool = False
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_form(cls, value: Any) -> Any:
+        """One message for every wrong shape, instead of one per member of the union."""
+        if isinstance(value, str) or _is_token_ids(value):
+            return value
+        if isinstance(value, list) and value and (all(isinstance(p, str) for p in value)
+                                                  or all(_is_token_ids(p) for p in value)):
+            if len(value) > MAX_PROMPTS:
+                raise FieldError("", f"{len(value)} prompts are more than the {MAX_PROMPTS} "
+                                     "a request may hold")
+            return value
+        if isinstance(value, list) and not value:
+            raise FieldError("", "must not be empty")
+        raise FieldError("", f"must be {PROMPT_FORMS}")
+
     @model_validator(mode="after")
     def _check_completion(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise FieldError("max_tokens", "0 is only allowed with echo (scoring the prompt)")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -235,7 +307,7 @@ class CompletionRequest(_Sampling):
         return list(self.prompt)  # type: ignore[arg-type]
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
@@ -244,11 +316,11 @@ class TokenizeRequest(_Strict):
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
+            raise FieldError("prompt", "give exactly one of prompt or messages")
         return self
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
 
@@ -256,7 +328,7 @@ class DetokenizeRequest(_Strict):
 MAX_MODERATION_INPUTS = 32
 
 
-class ModerationRequest(_Strict):
+class ModerationRequest(_Body):
     """OpenAI's POST /v1/moderations: a text or a list of texts; `model` names a Llama Guard
     shield (default: the input shield, else the output shield)."""
 
@@ -267,7 +339,7 @@ class ModerationRequest(_Strict):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
-class RunShieldRequest(_Strict):
+class RunShieldRequest(_Body):
     """Llama Stack's POST /v1/safety/run-shield: a conversation whose last message the shield
     judges (`params`, which older clients send, is accepted and unused)."""
 

@@ -11,12 +11,20 @@ from fastapi import Request
 
 from llamaherd.chat import ChatFormat
 from llamaherd.generation.constraints import Guidance
+from llamaherd.generation.scoring import PromptLogprobs
 from llamaherd.generation.sequence import Event
 from llamaherd.serve.errors import APIError, QueueFullError
 from llamaherd.serve.metrics import Metrics
 from llamaherd.serve.middleware import claim_announcement
 from llamaherd.serve.openai_format import TokenText
-from llamaherd.serve.scheduler import Job, JobCancelled, QueueFull, Scheduler
+from llamaherd.serve.scheduler import (
+    EngineFailure,
+    Job,
+    JobCancelled,
+    QueueFull,
+    Scheduler,
+    ScoreJob,
+)
 from llamaherd.serve.shields import Shields
 from llamaherd.tokenizer import Tokenizer
 
@@ -59,9 +67,30 @@ class ServerState:
         except QueueFull as e:
             raise QueueFullError(self.scheduler.max_queue) from e
         except ValueError as e:
-            raise APIError(str(e), param="n") from e
+            raise APIError(f"n: {e}", param="n") from e
         self.metrics.prompt_tokens.inc(len(job.prompt_ids) * max(1, len(job.choices)))
         return job
+
+
+    def score(self, prompts: list[list[int]], top: int) -> ScoreJob:
+        """Queue the scoring of prompts (Scheduler.score), counting off the request's
+        announcement as submit does; await it with `scored`."""
+        job = ScoreJob(prompts, top, asyncio.get_running_loop().create_future())
+        try:
+            self.scheduler.score(job, expected=claim_announcement())
+        except QueueFull as e:
+            raise QueueFullError(self.scheduler.max_queue) from e
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+        return job
+
+    async def scored(self, job: ScoreJob) -> list[PromptLogprobs]:
+        """A score job's result; its failure as an APIError (bad input: 400, else 500)."""
+        try:
+            return await job.result
+        except ValueError as e:
+            raise APIError(f"prompt: {e}", param="prompt") from e
+        except EngineFailure as e:
+            raise APIError(f"scoring failed: {e}", 500, type="server_error") from e
 
 
 def ends_on_stop_token(event: Event) -> bool:

@@ -20,8 +20,13 @@ from tests.support.server import llamaherd_server
 SERVE_OPTIONS = ("--dtype", "float32")
 
 CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
 OK_MESSAGES = [{"role": "user", "content": "Hi"}]
 CONTEXT = 1024
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    return {"model": DEFAULT_MODEL, "prompt": "Hi", "max_tokens": 4, **fields}
 
 
 def chat(**fields: Any) -> dict[str, Any]:
@@ -134,8 +139,29 @@ CASES: list[tuple[str, str, dict[str, Any] | bytes, int]] = [
      {"model": DEFAULT_MODEL, "prompt": [{"a": 1}]}, 400),
     ("completion logprobs too high", "/v1/completions",
      {"model": DEFAULT_MODEL, "prompt": "x", "logprobs": 10}, 400),
-    ("completion echo", "/v1/completions", {"model": DEFAULT_MODEL, "prompt": "x", "echo": True},
+    ("completion max_tokens 0 without echo", COMPLETIONS, completion(max_tokens=0), 400),
+    ("completion negative max_tokens", COMPLETIONS, completion(max_tokens=-1), 400),
+    ("completion echo logprobs too high", COMPLETIONS, completion(echo=True, logprobs=6), 400),
+    ("completion prompt list of an empty list", COMPLETIONS, completion(prompt=[[]]), 400),
+    ("completion prompt mixing texts and ids", COMPLETIONS, completion(prompt=["a", [1]]), 400),
+    ("completion token id list holding a bool", COMPLETIONS, completion(prompt=[[1, True]]),
      400),
+    ("completion token id lists out of range", COMPLETIONS,
+     completion(prompt=[[1, 2], [3, 10**7]], echo=True, max_tokens=0), 400),
+    ("completion too many prompts", COMPLETIONS, completion(prompt=["x"] * 65), 400),
+    ("completion stream_options without stream", COMPLETIONS,
+     completion(stream_options={"include_usage": True}), 400),
+    ("completion echoed prompt over the context window", COMPLETIONS,
+     completion(prompt="word " * (CONTEXT + 200), echo=True, logprobs=1, max_tokens=0), 400),
+    ("completion prompt over the context window", COMPLETIONS,
+     completion(prompt="word " * (CONTEXT + 200)), 400),
+    ("chat lone surrogate", CHAT,
+     b'{"model": "x", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400),
+    ("chat lone low surrogate in a tool schema", CHAT, (
+        b'{"model": "x", "messages": [{"role": "user", "content": "a"}], "tools": [{"type": '
+        b'"function", "function": {"name": "f", "parameters": {"\\udc00": 1}}}]}'), 400),
+    ("completion lone surrogate", COMPLETIONS, b'{"model": "x", "prompt": ["ok", "\\udfff"]}', 400),
+    ("tokenize lone surrogate", "/tokenize", b'{"prompt": "\\ud800"}', 400),
     ("tokenize with nothing", "/tokenize", {}, 400),
     ("detokenize out of range", "/detokenize", {"tokens": [-1]}, 400),
     ("detokenize not a list", "/detokenize", {"tokens": "abc"}, 400),
@@ -170,7 +196,10 @@ def test_bad_input_gets_an_openai_error(server: str, name: str, path: str,
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     r = httpx.post(server + path, content=raw, headers={"Content-Type": "application/json"},
                    timeout=60)
-    assert_error_object(r, status)
+    err = assert_error_object(r, status)
+    if status == 400 and err["code"] not in ("invalid_json", "invalid_body"):
+        # the field and the reason: "messages[0].content: ...", the field also in `param`
+        assert err["param"] and err["message"].startswith(err["param"] + ": "), err
 
 
 def test_wrong_paths_and_methods_get_error_objects(server: str) -> None:
