@@ -20,7 +20,7 @@ import random
 import shutil
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ GUARD_TRAINING: dict[str, Any] = {
     "share_prefix": True, "eval_every": 0,
 }
 PROMPT_GUARD_TRAINING: dict[str, Any] = {
-    "epochs": 2, "batch_size": 16, "lr": 1e-4, "max_len": 256, "micro_tokens": 4096,
+    "epochs": 2, "batch_size": 16, "lr": 1e-4, "max_len": 512, "micro_tokens": 4096,
     "prune_keep": 6, "eval_every": 0,
 }
 
@@ -116,6 +116,21 @@ def evaluate_prompt_guard(guard: PromptGuard, items: Sequence[data.PromptItem]
     return report
 
 
+def judge_held_out(name: str, out: Path, evaluate: Callable[[list[Any]], dict[str, Any]],
+                   items: list[Any], started: float, quiet: bool, **record: Any) -> None:
+    """Write a build's report.json: `evaluate` on the held-out items, with `record` and the
+    timings; log its headline."""
+    log(quiet, f"{name}: trained in {record.get('train_s', 0):.0f} s; judging "
+               f"{len(items)} held-out items")
+    evaluated = time.perf_counter()
+    report = evaluate(items)
+    report.update(record, test_examples=len(items),
+                  evaluate_s=time.perf_counter() - evaluated,
+                  build_s=time.perf_counter() - started)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(quiet, summary_line(name, report))
+
+
 def judged_items(items: list[Any], judge: int | None, seed: int) -> list[Any]:
     """The held-out items to judge: all, or `judge` of them drawn at random."""
     return items if judge is None else random.Random(seed).sample(items, min(judge, len(items)))
@@ -156,16 +171,10 @@ def build_guard(out: str | Path, *, base: str = DEFAULT_MODEL, quiet: bool = Fal
     trained_s = time.perf_counter() - started
     gguf = convert(trained, out / GUARD_FILE, "gguf", gguf_type="Q8_0")
     (trained / "model.safetensors").unlink()  # the GGUF is the model; the record stays
-    log(quiet, f"llamaherd-guard: trained in {trained_s:.0f} s; judging the held-out split")
     guard = LlamaGuard(load(gguf), categories=LLAMA_GUARD_3_1B)
-    evaluated = time.perf_counter()
-    judged = judged_items(parts.test, judge, seed)
-    report = evaluate_guard(guard, judged)
-    report.update(train_examples=len(train), test_examples=len(judged), base=base,
-                  train_s=trained_s, evaluate_s=time.perf_counter() - evaluated,
-                  build_s=time.perf_counter() - started)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    log(quiet, summary_line("llamaherd-guard", report))
+    judge_held_out("llamaherd-guard", out, lambda items: evaluate_guard(guard, items),
+                   judged_items(parts.test, judge, seed), started, quiet,
+                   train_examples=len(train), base=base, train_s=trained_s)
     return gguf
 
 
@@ -191,16 +200,11 @@ def build_prompt_guard(out: str | Path, *, base: str = DEFAULT_MODEL, quiet: boo
     shutil.rmtree(model, ignore_errors=True)
     shutil.move(trained, model)
     trained_s = time.perf_counter() - started
-    log(quiet, f"llamaherd-prompt-guard: trained in {trained_s:.0f} s; judging the held-out "
-               "split")
-    evaluated = time.perf_counter()
-    judged = judged_items(parts.test, judge, seed)
-    report = evaluate_prompt_guard(load_prompt_guard(model), judged)
-    report.update(train_examples=len(train), test_examples=len(judged), base=base,
-                  train_s=trained_s, evaluate_s=time.perf_counter() - evaluated,
-                  build_s=time.perf_counter() - started)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    log(quiet, summary_line("llamaherd-prompt-guard", report))
+    classifier = load_prompt_guard(model)
+    judge_held_out("llamaherd-prompt-guard", out,
+                   lambda items: evaluate_prompt_guard(classifier, items),
+                   judged_items(parts.test, judge, seed), started, quiet,
+                   train_examples=len(train), base=base, train_s=trained_s)
     return model
 
 
