@@ -22,14 +22,16 @@ TASK = "llamaherd_tiny_mc"
 CONTEXT = 512
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.fixture(scope="module", autouse=True)
+def offline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Nothing may come from the network: the task reads a local JSON file, the hf backend a
     local directory."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
-    monkeypatch.setenv("OPENAI_API_KEY", "unused")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HF_HUB_OFFLINE", "1")
+        env.setenv("HF_DATASETS_OFFLINE", "1")
+        env.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets")))
+        env.setenv("OPENAI_API_KEY", "unused")
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +68,24 @@ def evaluate(model: str, model_args: dict[str, Any], tmp_path: Path) -> tuple[fl
             [[float(ll) for ll, _ in s["filtered_resps"]] for s in samples])
 
 
-def test_local_completions_matches_the_hf_backend(served: str, tiny_chat_gguf: Path,
-                                                  tmp_path: Path) -> None:
-    hf_dir = convert(tiny_chat_gguf, tmp_path / "hf", "hf")
+@pytest.fixture(scope="module")
+def hf_backend(tiny_chat_gguf: Path, tmp_path_factory: pytest.TempPathFactory
+               ) -> tuple[float, list]:
+    """lm-eval's `hf` backend on the same weights, converted to a Hugging Face directory."""
+    tmp = tmp_path_factory.mktemp("hf")
+    hf_dir = convert(tiny_chat_gguf, tmp / "model", "hf")
+    return evaluate("hf", {"pretrained": str(hf_dir), "dtype": "float32", "device": "cpu"}, tmp)
+
+
+# token ids (lm-eval tokenizes with the server's /tokenize), or texts that the server tokenizes
+@pytest.mark.parametrize("tokenized", [True, False], ids=["token ids", "texts"])
+def test_local_completions_matches_the_hf_backend(served: str, hf_backend: tuple[float, list],
+                                                  tokenized: bool, tmp_path: Path) -> None:
     served_args = {"base_url": served + "/v1/completions", "model": "tiny-chat",
-                   "tokenizer_backend": "remote", "tokenized_requests": True,
+                   "tokenizer_backend": "remote", "tokenized_requests": tokenized,
                    "max_length": CONTEXT, "max_retries": 1}
-    acc, ours = evaluate("local-completions", served_args, tmp_path / "served")
-    hf_acc, theirs = evaluate("hf", {"pretrained": str(hf_dir), "dtype": "float32",
-                                     "device": "cpu"}, tmp_path / "hf-run")
+    acc, ours = evaluate("local-completions", served_args, tmp_path)
+    hf_acc, theirs = hf_backend
     assert len(ours) == len(theirs) == 8
     for question, (a, b) in enumerate(zip(ours, theirs)):
         assert len(a) == len(b), question
