@@ -290,6 +290,10 @@ class Scheduler:
             scores = self.engine.score([p for j in jobs for p in j.prompts],
                                        max(j.top for j in jobs))
         except Exception as e:  # noqa: BLE001 -- a failed score fails its jobs, not the server
+            if isinstance(e, ValueError) and len(jobs) > 1:  # one job's bad prompt: each alone,
+                for j in jobs:  # so that only that job fails
+                    self._score([j])
+                return
             if not isinstance(e, ValueError):
                 traceback.print_exc()
             failure = e if isinstance(e, ValueError) else EngineFailure(f"{type(e).__name__}: {e}")

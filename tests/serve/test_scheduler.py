@@ -11,7 +11,7 @@ from llamaherd.api import load
 from llamaherd.generation.engine import Engine
 from llamaherd.generation.sampling import SamplingParams
 from llamaherd.hub import DEFAULT_MODEL
-from llamaherd.serve.scheduler import Job, JobCancelled, QueueFull, Scheduler
+from llamaherd.serve.scheduler import Job, JobCancelled, QueueFull, Scheduler, ScoreJob
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +201,42 @@ def test_a_burst_still_arriving_is_prefilled_together(llm, monkeypatch) -> None:
     assert asyncio.run(run(first=2)) == 3  # two at once: a burst, which the third joins
     # a lone job starts at once: waiting for the gap, it would have taken the other two along
     assert asyncio.run(run(first=1)) == 1
+
+
+def test_score_jobs_waiting_together_are_scored_in_one_pass_and_fail_alone(llm) -> None:
+    prompts = [llm.tokenizer.encode(p) for p in ("The capital of France is", "One, two,",
+                                                 "def main():")]
+
+    async def run() -> tuple[list[int], list[object]]:
+        loop = asyncio.get_running_loop()
+        engine = Engine(llm.runner, llm.tokenizer, rows=2, max_len=128)
+        calls: list[int] = []  # prompts per Engine.score call
+        score = engine.score
+
+        def counting_score(batch: list[list[int]], top: int = 0) -> list:
+            calls.append(len(batch))
+            return score(batch, top)
+
+        engine.score = counting_score  # type: ignore[method-assign]
+        sched = Scheduler(engine, loop)
+        jobs = [ScoreJob([p], 1, loop.create_future()) for p in prompts]
+        jobs.append(ScoreJob([[]], 1, loop.create_future()))  # an empty prompt: fails alone
+        gone = ScoreJob([prompts[0]], 1, loop.create_future())
+        gone.result.cancel()  # its client left before it ran: skipped
+        for job in [*jobs, gone]:
+            sched.score(job)
+        sched.start()  # every job is waiting when the engine thread first looks
+        try:
+            return calls, await asyncio.gather(*(j.result for j in jobs),
+                                               return_exceptions=True)
+        finally:
+            sched.stop()
+
+    calls, results = asyncio.run(run())
+    assert calls == [4, 1, 1, 1, 1]  # together; then, one prompt being bad, each job alone
+    *scored, failed = results
+    assert isinstance(failed, ValueError) and "empty" in str(failed)
+    alone = Engine(llm.runner, llm.tokenizer, rows=1, max_len=128).score(prompts, 1)
+    for [entries], expected in zip(scored, alone):  # type: ignore[misc]
+        assert entries[0] is None and len(entries) == len(expected)
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(entries[1:], expected[1:])) < 1e-4
