@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import click
 
+from llamaherd.cli.eval import eval_group
 from llamaherd.cli.generate import generate, run
 from llamaherd.cli.guard import guard
 from llamaherd.cli.models import convert, dataset, info, list_models, pull, tokenize
@@ -28,6 +29,7 @@ COMMANDS: list[click.Command] = [
     score,        # rewards of conversations under a reward model
     sample_best,  # rejection sampling: k answers a prompt, the best kept
     guard,        # Llama Guard's (or Prompt Guard's) verdict on texts and answers
+    eval_group,   # eval mc | ppl: multiple-choice accuracy and perplexity
     pull,         # fetch a registered model into the cache
     list_models,  # registered names
     info,         # architecture, parameters, tensor types, template

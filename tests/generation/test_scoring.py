@@ -1,7 +1,8 @@
 """Prompt scoring (echo): every prompt token's log-probability is a plain forward pass's, whether
 the prompts are packed side by side, split across passes and head chunks, or scored alone; and
 scoring between two engine steps leaves the KV cache, its prefixes and the running sequences as
-they were (tiny random float32 model)."""
+they were (tiny random float32 model). Continuations after a shared context score as each
+context + continuation alone would, batched or not."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import torch
 from llamaherd import hub
 from llamaherd import tokenizer as tok
 from llamaherd.generation import Engine, SamplingParams
-from llamaherd.generation.scoring import HEAD_CHUNK, passes, prompt_logprobs
+from llamaherd.generation.scoring import (
+    HEAD_CHUNK,
+    cache_set_aside,
+    continuation_logprobs,
+    passes,
+    prompt_logprobs,
+)
 from llamaherd.model import Transformer
 from llamaherd.runtime import Runner
 from tests.support.models import TINY, make_tiny_model
@@ -116,3 +123,46 @@ def test_score_refuses_empty_and_too_long_prompts(model: Transformer,
         engine.score([[1], []])
     with pytest.raises(ValueError, match="33 tokens but the context window is 32"):
         engine.score([list(range(33))])
+
+
+# contexts with 1 to 4 continuations of 1 to 12 tokens; a long context spans two head chunks
+GROUPS = [([5, 6, 7], [[8], [9, 10], [11, 12, 13]]),
+          ([300], [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]),
+          (LONG, [[4], [5], [6], [7]]),
+          (list(range(40, 90)), [[90, 91], [92]])]
+
+
+@pytest.mark.parametrize("budget", [1, 64, 4096])  # each group alone; some batched; all at once
+def test_continuations_score_as_each_context_plus_continuation_alone(model: Transformer,
+                                                                     budget: int) -> None:
+    scored = continuation_logprobs(model, GROUPS, budget=budget)
+    for (context, conts), results in zip(GROUPS, scored):
+        assert len(results) == len(conts)
+        for cont, (logprobs, greedy) in zip(conts, results):
+            ref = reference(model, context + cont)[len(context) - 1:-1]  # rows predicting cont
+            want = [float(ref[j, t]) for j, t in enumerate(cont)]
+            assert max(abs(a - b) for a, b in zip(logprobs, want)) < 1e-5
+            assert len(logprobs) == len(cont)
+            assert greedy == (ref.argmax(-1).tolist() == cont)
+
+
+def test_a_greedy_continuation_is_marked_greedy(model: Transformer) -> None:
+    context = [5, 6, 7]
+    cont = []
+    for _ in range(3):
+        cont.append(int(reference(model, context + cont)[-1].argmax()))
+    [[(_, greedy), (_, other)]] = continuation_logprobs(model, [(context, [cont, cont[:2] + [
+        (cont[2] + 1) % VOCAB]])])
+    assert greedy and not other
+
+
+def test_continuation_scoring_needs_the_cache_set_aside(model: Transformer) -> None:
+    model.setup_cache(1, 16)
+    try:
+        with pytest.raises(ValueError, match="without a KV cache"):
+            continuation_logprobs(model, [([1], [[2]])])
+        with cache_set_aside(model):
+            continuation_logprobs(model, [([1], [[2]])])
+        assert model.layers[0].attention.cache is not None
+    finally:
+        model.drop_cache()
