@@ -1,4 +1,6 @@
-"""Sliding-window perplexity against independent NLL sums, and int8 quality on the real model."""
+"""Sliding-window perplexity against independent NLL sums, corpus perplexity (packed scoring
+passes, a prefix token per document) against the same windows, and int8 quality on the real
+model."""
 
 from __future__ import annotations
 
@@ -9,7 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from llamaherd.api import load
-from llamaherd.eval import eval_text, perplexity, perplexity_of_ids, token_nlls
+from llamaherd.eval import (
+    corpus_perplexity,
+    eval_text,
+    perplexity,
+    perplexity_of_ids,
+    token_nlls,
+)
+from llamaherd.eval.loglikelihood import prefix_token
+from llamaherd.eval.perplexity import windows
 from llamaherd.quant.weight_only import quantize_model
 from tests.support.models import TINY, make_tiny_model
 
@@ -81,6 +91,43 @@ def test_bad_window_or_stride_is_a_value_error(window: int, stride: int) -> None
 def test_a_single_token_cannot_be_scored() -> None:
     with pytest.raises(ValueError, match="at least 2 tokens"):
         token_nlls(logits_of(make_tiny_model()), [1])
+
+
+def test_windows_score_every_token_after_the_first_once() -> None:
+    assert windows(10, 4, 2) == [(0, 1, 4), (2, 4, 6), (4, 6, 8), (6, 8, 10)]
+    assert windows(5, 8, 4) == [(0, 1, 5)]
+    for n, window, stride in [(57, 16, 6), (100, 10, 9), (2, 3, 1)]:
+        spans = windows(n, window, stride)
+        scored = [t for _, first, end in spans for t in range(first, end)]
+        assert scored == list(range(1, n))
+        assert all(end - start <= window for start, _, end in spans)
+
+
+def test_corpus_perplexity_sums_each_document_s_windows(tiny_gguf_with_vocab) -> None:
+    llm = load(tiny_gguf_with_vocab, dtype="float32")
+    texts = [" ".join([SHORT_TEXT] * 3), "Bread needs flour.", "Ünïcödé ✓ text."]
+    tok = llm.tokenizer
+    want_nll, want_tokens = 0.0, 0
+    for text in texts:
+        ids = [prefix_token(tok), *tok.encode(text)]  # every token of the text is scored
+        nlls = token_nlls(llm.logits, ids, window=24, stride=10)
+        want_nll += nlls.sum().item()
+        want_tokens += len(nlls)
+    for budget in (1, 4096):  # each window alone; all windows packed in one pass
+        got = corpus_perplexity(llm, texts, window=24, stride=10, budget=budget)
+        assert (got.documents, got.tokens) == (3, want_tokens)
+        assert got.nll == pytest.approx(want_nll, rel=1e-6)
+        assert got.bytes == sum(len(t.encode()) for t in texts)
+        assert got.perplexity == pytest.approx(math.exp(want_nll / want_tokens), rel=1e-6)
+        assert got.bits_per_byte == pytest.approx(want_nll / math.log(2) / got.bytes, rel=1e-6)
+
+
+def test_corpus_perplexity_refuses_windows_past_the_context(tiny_gguf_with_vocab) -> None:
+    llm = load(tiny_gguf_with_vocab, dtype="float32")
+    with pytest.raises(ValueError, match="exceeds the context window of 128"):
+        corpus_perplexity(llm, ["text"], window=256, stride=128)
+    with pytest.raises(ValueError, match="no text"):
+        corpus_perplexity(llm, [""], window=16, stride=8)
 
 
 def test_eval_text_is_plain_english_of_a_few_thousand_words() -> None:

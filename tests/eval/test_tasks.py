@@ -38,9 +38,10 @@ def test_every_task_has_its_known_item_count(name: str) -> None:
 
 def test_arc_asks_question_then_answer() -> None:
     [first] = load_items("arc-easy", limit=1)
-    assert first.requests[0] == (
-        "Question: Which statement best explains why photosynthesis is the foundation of most "
-        "food webs?\nAnswer:", " Sunlight is the source of energy for nearly all ecosystems.")
+    context, continuation = first.requests[0]
+    assert context == ("Question: Which statement best explains why photosynthesis is the "
+                       "foundation of most food webs?\nAnswer:")
+    assert continuation == " Sunlight is the source of energy for nearly all ecosystems."
     assert first.gold == 0
     assert {len(i.choices) for i in load_items("arc-challenge")} == {3, 4, 5}
 
