@@ -132,9 +132,17 @@ GROUPS = [([5, 6, 7], [[8], [9, 10], [11, 12, 13]]),
           (list(range(40, 90)), [[90, 91], [92]])]
 
 
+@pytest.fixture
+def bare(model: Transformer) -> Transformer:
+    """The tiny model without the KV cache an engine test above may have left on it."""
+    model.drop_cache()
+    return model
+
+
 @pytest.mark.parametrize("budget", [1, 64, 4096])  # each group alone; some batched; all at once
-def test_continuations_score_as_each_context_plus_continuation_alone(model: Transformer,
+def test_continuations_score_as_each_context_plus_continuation_alone(bare: Transformer,
                                                                      budget: int) -> None:
+    model = bare
     scored = continuation_logprobs(model, GROUPS, budget=budget)
     for (context, conts), results in zip(GROUPS, scored):
         assert len(results) == len(conts)
@@ -146,7 +154,8 @@ def test_continuations_score_as_each_context_plus_continuation_alone(model: Tran
             assert greedy == (ref.argmax(-1).tolist() == cont)
 
 
-def test_a_greedy_continuation_is_marked_greedy(model: Transformer) -> None:
+def test_a_greedy_continuation_is_marked_greedy(bare: Transformer) -> None:
+    model = bare
     context = [5, 6, 7]
     cont = []
     for _ in range(3):
@@ -156,7 +165,8 @@ def test_a_greedy_continuation_is_marked_greedy(model: Transformer) -> None:
     assert greedy and not other
 
 
-def test_continuation_scoring_needs_the_cache_set_aside(model: Transformer) -> None:
+def test_continuation_scoring_needs_the_cache_set_aside(bare: Transformer) -> None:
+    model = bare
     model.setup_cache(1, 16)
     try:
         with pytest.raises(ValueError, match="without a KV cache"):
