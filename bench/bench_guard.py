@@ -118,14 +118,14 @@ def ttft(url: str, requests: int) -> float:
     return statistics.median(times)
 
 
-def serving(requests: int) -> dict[str, Any]:
+def serving(requests: int, threads: int | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, options in (("no shield", []),
                           ("input shield", ["--input-shield", "llamaherd-guard"]),
                           ("input + prompt shields", ["--input-shield", "llamaherd-guard",
                                                       "--prompt-shield",
                                                       "llamaherd-prompt-guard"])):
-        with llamaherd_server(DEFAULT_MODEL, *options) as server:
+        with llamaherd_server(DEFAULT_MODEL, *options, threads=threads) as server:
             out[name] = {"ttft_ms": 1000 * ttft(server.url, requests)}
         print(f"{name}: TTFT {out[name]['ttft_ms']:.0f} ms", flush=True)
     base = out["no shield"]["ttft_ms"]
@@ -138,10 +138,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default="quality,speed,serving")
     parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads here and in the servers (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     hub.pull("llamaherd-guard")
     hub.pull("llamaherd-prompt-guard")
-    results: dict[str, Any] = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d")}
+    results: dict[str, Any] = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"),
+                               "threads": args.threads}
     sections = args.sections.split(",")
     if "quality" in sections:
         results["quality"] = quality()
@@ -154,7 +161,7 @@ def main() -> None:
     if "speed" in sections:
         results["speed"] = speed()
     if "serving" in sections:
-        results["serving"] = serving(args.requests)
+        results["serving"] = serving(args.requests, args.threads)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {RESULTS}")

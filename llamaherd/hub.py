@@ -77,8 +77,8 @@ REGISTRY: dict[str, Artifact | Built] = {
     ),
     "llamaherd-prompt-guard": Built(
         builder="llamaherd.safety.build:build_prompt_guard", main="model",
-        description="Prompt Guard protocol classifier (benign/injection/jailbreak): 6 blocks "
-                    "of the default model and a class head; built on first pull",
+        description="Prompt Guard protocol classifier (benign/injection/jailbreak): 12 "
+                    "blocks of the default model and a class head; built on first pull",
     ),
 }
 

@@ -4,7 +4,7 @@ llamaherd.safety.data, and judged on the held-out split:
 - `llamaherd-guard`: the default model fine-tuned (SFT, the whole model) to answer the Llama
   Guard 3 prompt (categories S1-S13, as the 1B guard) with `safe` or `unsafe\\nS..`; written as a
   Q8_0 GGUF for the engine's packed kernels;
-- `llamaherd-prompt-guard`: the default model's first and last blocks and four between them,
+- `llamaherd-prompt-guard`: the default model's first and last blocks and ten between them,
   with a three-way class head (benign, injection, jailbreak) trained on the Prompt Guard
   protocol (llamaherd train classify); a Hugging Face LlamaForSequenceClassification directory.
 
@@ -41,8 +41,8 @@ GUARD_TRAINING: dict[str, Any] = {
     "share_prefix": True, "eval_every": 0,
 }
 PROMPT_GUARD_TRAINING: dict[str, Any] = {
-    "epochs": 2, "batch_size": 16, "lr": 1e-4, "max_len": 512, "micro_tokens": 4096,
-    "prune_keep": 6, "eval_every": 0,
+    "epochs": 3, "batch_size": 16, "lr": 1e-4, "max_len": 512, "micro_tokens": 4096,
+    "prune_keep": 12, "eval_every": 0,
 }
 
 
