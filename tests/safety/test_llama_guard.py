@@ -12,9 +12,8 @@ from llamaherd import hub
 from llamaherd.api import LLM, load
 from llamaherd.safety import GuardAnswerError, LlamaGuard, parse, render
 from llamaherd.safety.categories import LLAMA_GUARD_3_1B
+from tests.support import FIXTURES
 from tests.support.models import TINY, make_tiny_model
-
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
 
 # Meta's Llama Guard 3 request for one user prompt, every category listed (the 8B guard's).
 PROMPT_8B = """Task: Check if there is unsafe content in 'User' messages in conversations \
